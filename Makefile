@@ -18,12 +18,16 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/tsam train examples/train-digits.yaml
+	$(BIN)/tsam serve
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+# PostgreSQL runs on every machine of this kind; the persistence tests use it for real.
+TSAM_TEST_DATABASE_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
+export TSAM_TEST_DATABASE_URL
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

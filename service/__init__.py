@@ -1,0 +1,1 @@
+"""tsam-sweep service: the HTTP API, scheduler, dashboard and CLI."""

@@ -1,0 +1,1 @@
+"""Studies: a search over TSAM hyperparameters, its spec, status and budget."""

@@ -1,0 +1,1 @@
+"""Trials: one training run of a study, its attempts, per-epoch metrics and result."""

@@ -1,0 +1,194 @@
+"""Trial persistence: creation, claims, reports and results, each a compare-and-set.
+
+Execution is at least once, recording exactly once. Every write that concerns a running
+attempt names its lease token and only applies while the trial is running under that token
+(``UPDATE ... WHERE pk = :pk AND state = 'running' AND lease_token = :lease``), so a late
+report or result from an attempt that was reaped or cancelled changes nothing, and a second
+copy of a result is a no-op. Functions take the caller's session; the caller owns the
+transaction (a result, its metrics and the state change commit together).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+from sqlalchemy import CursorResult, func, select, update
+from sqlalchemy.orm import Session
+
+from service.db import utcnow
+from service.studies.models import Study
+from service.trials.models import Trial, TrialMetric
+
+
+def _changed(session: Session, statement: Any) -> int:
+    """Rows an UPDATE changed: the compare-and-set's answer."""
+    result = cast(CursorResult[Any], session.execute(statement))
+    return int(result.rowcount)
+
+
+def new_lease() -> str:
+    return secrets.token_hex(16)
+
+
+def create_trial(
+    session: Session,
+    *,
+    study: Study,
+    params: dict[str, Any],
+    source: str = "sampler",
+    state: str = "waiting",
+) -> Trial:
+    """A new trial with the study's next number (numbers are never reused)."""
+    number = (
+        session.execute(
+            update(Study)
+            .where(Study.pk == study.pk)
+            .values(next_number=Study.next_number + 1)
+            .returning(Study.next_number)
+        ).scalar_one()
+        - 1
+    )
+    trial = Trial(study_pk=study.pk, number=number, params=params, source=source, state=state)
+    session.add(trial)
+    session.flush()
+    return trial
+
+
+def claim(session: Session, trial: Trial) -> str | None:
+    """Move a waiting trial to running as its next attempt; returns the new lease, or None
+    when someone else claimed it first."""
+    lease = new_lease()
+    now = utcnow()
+    done = _changed(
+        session,
+        update(Trial)
+        .where(Trial.pk == trial.pk, Trial.state == "waiting")
+        .values(
+            state="running",
+            lease_token=lease,
+            attempts=Trial.attempts + 1,
+            started_at=now,
+            heartbeat_at=now,
+            error=None,
+        ),
+    )
+    if done != 1:
+        return None
+    session.refresh(trial)
+    return lease
+
+
+def _running(pk: int, lease: str) -> Any:
+    return (Trial.pk == pk) & (Trial.state == "running") & (Trial.lease_token == lease)
+
+
+def record_started(session: Session, pk: int, lease: str, env: dict[str, Any]) -> bool:
+    """Where the attempt runs (node, device, versions), under its lease."""
+    return bool(
+        _changed(
+            session, update(Trial).where(_running(pk, lease)).values(env=env, heartbeat_at=utcnow())
+        )
+    )
+
+
+def record_report(
+    session: Session, pk: int, lease: str, *, epoch: int, attempt: int, metrics: dict[str, Any]
+) -> bool:
+    """Store one epoch's metrics; a resumed attempt's report of an epoch replaces the old one."""
+    live = _changed(session, update(Trial).where(_running(pk, lease)).values(heartbeat_at=utcnow()))
+    if not live:
+        return False
+    row = session.execute(
+        select(TrialMetric).where(TrialMetric.trial_pk == pk, TrialMetric.epoch == epoch)
+    ).scalar_one_or_none()
+    if row is None:
+        session.add(TrialMetric(trial_pk=pk, epoch=epoch, attempt=attempt, metrics=metrics))
+    else:
+        row.attempt, row.metrics = attempt, metrics
+    return True
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How an attempt ended, as stored."""
+
+    state: str  # complete | pruned | failed | cancelled
+    value: float | None = None
+    values: list[float] | None = None
+    metrics: dict[str, Any] | None = None
+    error: str | None = None
+
+
+def finish(session: Session, pk: int, lease: str, outcome: Outcome) -> bool:
+    """Record the attempt's final state; False (and nothing written) if the lease is stale."""
+    return bool(
+        _changed(
+            session,
+            update(Trial)
+            .where(_running(pk, lease))
+            .values(
+                state=outcome.state,
+                value=outcome.value,
+                values=outcome.values,
+                metrics=outcome.metrics,
+                error=outcome.error,
+                lease_token=None,
+                finished_at=utcnow(),
+            ),
+        )
+    )
+
+
+def release(session: Session, pk: int, lease: str, error: str | None = None) -> bool:
+    """Give a running attempt up without ending the trial: it waits for its next attempt."""
+    return bool(
+        _changed(
+            session,
+            update(Trial)
+            .where(_running(pk, lease))
+            .values(state="waiting", lease_token=None, error=error),
+        )
+    )
+
+
+def release_all_running(session: Session) -> int:
+    """After a restart: every attempt that was running belonged to the dead process."""
+    return _changed(
+        session,
+        update(Trial)
+        .where(Trial.state == "running")
+        .values(state="waiting", lease_token=None, error="interrupted: the server restarted"),
+    )
+
+
+def counts_by_state(session: Session, study_pks: Sequence[int]) -> dict[int, dict[str, int]]:
+    """``{study_pk: {state: n}}`` in one grouped query."""
+    out: dict[int, dict[str, int]] = {pk: {} for pk in study_pks}
+    if not study_pks:
+        return out
+    rows = session.execute(
+        select(Trial.study_pk, Trial.state, func.count())
+        .where(Trial.study_pk.in_(study_pks))
+        .group_by(Trial.study_pk, Trial.state)
+    )
+    for study_pk, state, n in rows:
+        out[study_pk][state] = int(n)
+    return out
+
+
+def intermediate(session: Session, trial_pks: Sequence[int]) -> dict[int, list[dict[str, Any]]]:
+    """Per-epoch metrics of several trials, ``{trial_pk: [{"epoch": e, **metrics}]}``."""
+    out: dict[int, list[dict[str, Any]]] = {pk: [] for pk in trial_pks}
+    if not trial_pks:
+        return out
+    rows = session.execute(
+        select(TrialMetric)
+        .where(TrialMetric.trial_pk.in_(trial_pks))
+        .order_by(TrialMetric.trial_pk, TrialMetric.epoch)
+    ).scalars()
+    for row in rows:
+        out[row.trial_pk].append({"epoch": row.epoch, **row.metrics})
+    return out

@@ -1,0 +1,1 @@
+"""tsam-sweep workers: run trials (``run_trial``) on an executor (Ray or in-process)."""
