@@ -1,17 +1,29 @@
-"""Shared fixtures: databases (SQLite and PostgreSQL)."""
+"""Shared fixtures: databases (SQLite and PostgreSQL), one local Ray and one live server per
+test session."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote
 
 import pytest
 import sqlalchemy as sa
+import uvicorn
 
 from service import migrate
+from service.app import create_app
 from service.db import Database
+from service.settings import Settings
+from workers.ray_executor import RayExecutor
 
 PG_ENV = "TSAM_TEST_DATABASE_URL"
 
@@ -56,3 +68,71 @@ def db(db_url: str) -> Iterator[Database]:
     database = Database(db_url)
     yield database
     database.dispose()
+
+
+# -- Ray: one embedded local Ray per test session --------------------------------------------
+# Starting Ray takes seconds (tens under load) and a cold worker pays seconds to import torch,
+# so every test that needs Ray shares this one. Tests carry @pytest.mark.ray.
+
+
+@pytest.fixture(scope="session")
+def ray_executor() -> Iterator[RayExecutor]:
+    """The session's RayExecutor (2 CPUs, 2 warm workers); it owns the embedded Ray. Shared:
+    call ``start(notify)`` to route notifications to your test and ignore events of runs you
+    did not submit -- or use ``fresh_ray_executor``."""
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    # A short private directory: Ray's Unix socket paths must stay under ~107 characters.
+    temp_dir = tempfile.mkdtemp(prefix="tsam-ray-")
+    executor = RayExecutor(num_cpus=2, warm_workers=2, temp_dir=temp_dir)
+    try:
+        executor.start(lambda: None)
+        executor.wait_until_warm(timeout=300)
+        yield executor
+    finally:
+        executor.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def fresh_ray_executor(ray_executor: RayExecutor) -> Iterator[RayExecutor]:
+    """A new, not yet started RayExecutor on the session's Ray, with its own events; shutting
+    it down leaves Ray running."""
+    executor = RayExecutor()
+    yield executor
+    executor.shutdown()
+
+
+# -- one live server per session, on the session's Ray ---------------------------------------
+
+
+@dataclass
+class LiveServer:
+    url: str
+    app: Any
+    database_url: str
+
+
+@pytest.fixture(scope="session")
+def live_server(ray_executor: RayExecutor, tmp_path_factory) -> Iterator[LiveServer]:
+    """``tsam serve`` in a thread: uvicorn, the scheduler and a RayExecutor on the session's
+    Ray, over a SQLite file."""
+    root = tmp_path_factory.mktemp("live")
+    settings = Settings(
+        database_url=f"sqlite:///{root / 'tsam.db'}",
+        checkpoint_root=str(root / "runs"),
+        scheduler_tick_s=0.5,
+    )
+    app = create_app(settings, executor=RayExecutor())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "live server did not start"
+        time.sleep(0.05)
+    yield LiveServer(f"http://127.0.0.1:{port}", app, settings.database_url)
+    server.should_exit = True
+    thread.join(60)

@@ -101,10 +101,19 @@ class Dataset:
         if train and self.augment:
             out = _random_crop_flip(out, padding=_CIFAR_PADDING, generator=generator)
         if self.mean is not None and self.std is not None:
-            mean = torch.tensor(self.mean, dtype=out.dtype, device=out.device).view(1, -1, 1, 1)
-            std = torch.tensor(self.std, dtype=out.dtype, device=out.device).view(1, -1, 1, 1)
+            mean = _channel_values(self.mean, out.device, out.dtype)
+            std = _channel_values(self.std, out.device, out.dtype)
             out = (out - mean) / std
         return out
+
+
+@functools.lru_cache(maxsize=32)
+def _channel_values(
+    values: tuple[float, ...], device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """Per-channel constants shaped (1, C, 1, 1), cached per device so that normalising a
+    batch does not copy them from the host (a synchronising transfer) at every step."""
+    return torch.tensor(values, dtype=dtype, device=device).view(1, -1, 1, 1)
 
 
 def _random_crop_flip(
@@ -112,9 +121,10 @@ def _random_crop_flip(
 ) -> torch.Tensor:
     """Per-example random crop (from a zero-padded copy) and horizontal flip, batched.
 
-    Gathering with index tensors instead of looping over examples keeps it one kernel launch
-    per step on a GPU. Random numbers come from ``generator``'s device and are then moved, so
-    a CPU generator can drive augmentation of a CUDA batch.
+    Gathering with index tensors instead of looping over examples keeps it a handful of
+    kernel launches per batch on a GPU, not a few per image. Random numbers come from
+    ``generator``'s device and are then moved, so a CPU generator can drive augmentation of a
+    CUDA batch, and gives the same crops whatever device the batch is on.
     """
     if x.dim() != 4:
         raise ValueError(f"x must be a batch of images (N, C, H, W), got shape {tuple(x.shape)}")

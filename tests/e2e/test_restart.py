@@ -62,7 +62,8 @@ class Server:
         self.proc = subprocess.Popen(
             cmd, env=self.env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT
         )
-        deadline = time.monotonic() + 90
+        # A cold process imports torch, Optuna and the app: slow on a loaded 2-core machine.
+        deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             try:
                 if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:

@@ -310,6 +310,22 @@ def test_prepare_augmentation_is_a_crop_of_the_padded_image_possibly_flipped() -
         assert any(torch.equal(image, candidate) for candidate in candidates)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_prepare_on_gpu_with_a_cpu_generator_matches_prepare_on_cpu() -> None:
+    ds = _cifar_like(n=16)
+    on_cpu = ds.prepare(ds.train.x, train=True, generator=torch.Generator().manual_seed(3))
+    on_gpu = ds.prepare(ds.train.x.cuda(), train=True, generator=torch.Generator().manual_seed(3))
+    assert on_gpu.device.type == "cuda"
+    assert torch.allclose(on_gpu.cpu(), on_cpu, atol=1e-6)
+    cuda_generator = torch.Generator(device="cuda").manual_seed(3)
+    assert ds.prepare(ds.train.x.cuda(), train=True, generator=cuda_generator).shape == (
+        16,
+        3,
+        8,
+        8,
+    )
+
+
 def test_prepare_is_the_identity_for_float_datasets() -> None:
     ds = load_dataset("digits")
     batch = ds.train.x[:5]

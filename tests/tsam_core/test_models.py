@@ -69,7 +69,7 @@ def test_models_contain_no_inplace_modules(name: str) -> None:
 
 def test_vmap_over_stacked_mlp_parameters_matches_separate_forwards() -> None:
     models = [build_model("mlp", input_shape=DIGITS_SHAPE, num_classes=10) for _ in range(3)]
-    params, buffers = stack_module_state(models)  # type: ignore[arg-type]
+    params, buffers = stack_module_state(models)
     x = torch.randn(5, *DIGITS_SHAPE)
 
     def forward(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -91,7 +91,7 @@ def test_gradients_flow_through_vmap_and_functional_call(name: str) -> None:
         build_model(name, input_shape=DIGITS_SHAPE, num_classes=10, width=SMALL[name])
         for _ in range(3)
     ]
-    params, buffers = stack_module_state(models)  # type: ignore[arg-type]
+    params, buffers = stack_module_state(models)
     x = torch.randn(4, *DIGITS_SHAPE)
 
     def forward(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> torch.Tensor:
