@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -37,7 +38,7 @@ def _root() -> None:
 
 def fail(message: str, code: int = 1) -> typer.Exit:
     """Print ``message`` on stderr and return the Exit to raise."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -155,6 +156,9 @@ def serve_command(
     )
     uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, workers=1)
 
+
+# The commands that talk to a server (submit, ls, watch, ...) register themselves on ``app``.
+from service import cli_remote  # noqa: E402, F401
 
 if __name__ == "__main__":
     app()

@@ -49,6 +49,7 @@ class StudyRuntime:
 
     spec: StudySpec
     optuna_study: optuna.Study
+    study_id: str = ""
     live: dict[int, optuna.trial.Trial] = field(default_factory=dict)
 
 
@@ -165,7 +166,7 @@ class Scheduler:
         """The study's Optuna side, rebuilt from stored trials on first use."""
         runtime = self._runtimes.get(study.pk)
         spec = StudySpec.model_validate(study.spec)
-        if runtime is not None:
+        if runtime is not None and runtime.study_id == study.id:
             runtime.spec = spec  # budgets may have been edited
             return runtime
         ostudy = search.create_optuna_study(spec)
@@ -178,7 +179,7 @@ class Scheduler:
             state = _OPTUNA_STATE.get(trial.state)
             if state is None:
                 continue
-            params = {k: v for k, v in trial.params.items() if k in dists}
+            params = search.optuna_params(spec, trial.params)
             values = (trial.values or None) if state == optuna.trial.TrialState.COMPLETE else None
             if state == optuna.trial.TrialState.PRUNED:
                 values = None
@@ -193,7 +194,7 @@ class Scheduler:
                 )
             )
         ostudy.add_trials(frozen)
-        runtime = StudyRuntime(spec, ostudy)
+        runtime = StudyRuntime(spec, ostudy, study.id)
         self._runtimes[study.pk] = runtime
         return runtime
 
@@ -214,6 +215,12 @@ class Scheduler:
 
     def _fill_study(self, study: Study) -> None:
         with self.db.write() as session:
+            # Re-read inside the write transaction: a pause, cancel or budget edit may have
+            # landed since the list was read (a stale n_trials must not complete the study).
+            fresh = session.get(Study, study.pk, with_for_update=True)
+            if fresh is None or fresh.status not in ACTIVE_STATUSES:
+                return
+            study = fresh
             runtime = self._runtime(session, study)
             budget = runtime.spec.budget
             in_flight = sum(1 for r in self._runs.values() if r.study_pk == study.pk)
@@ -267,14 +274,19 @@ class Scheduler:
             otrial = runtime.live.get(waiting.number) or self._ask_fixed(runtime, waiting.params)
             params = waiting.params
         with self.db.write() as session:
-            row = session.get(Study, study.pk)
-            if row is None or row.status not in ACTIVE_STATUSES:
-                return False
-            trial = waiting or trials.create_trial(session, study=row, params=params)
-            if waiting is not None:
-                trial = session.get(Trial, waiting.pk) or waiting
-            lease = trials.claim(session, trial)
-            if lease is None:
+            # Locked (PostgreSQL): a pause or cancel committing meanwhile is seen here, and
+            # the status written below cannot overwrite it.
+            row = session.get(Study, study.pk, with_for_update=True)
+            lease = None
+            if row is not None and row.status in ACTIVE_STATUSES:
+                trial = waiting or trials.create_trial(session, study=row, params=params)
+                if waiting is not None:
+                    trial = session.get(Trial, waiting.pk) or waiting
+                lease = trials.claim(session, trial)
+            if row is None or lease is None:
+                if waiting is None or runtime.live.get(waiting.number) is not otrial:
+                    # Nothing started: the Optuna trial asked for it must not stay running.
+                    runtime.optuna_study.tell(otrial, state=optuna.trial.TrialState.FAIL)
                 return False
             if row.status == "queued":
                 row.status, row.started_at = "running", utcnow()
@@ -307,10 +319,13 @@ class Scheduler:
 
     @staticmethod
     def _ask_fixed(runtime: StudyRuntime, params: dict[str, Any]) -> optuna.trial.Trial:
-        dists = search.distributions(runtime.spec)
-        runtime.optuna_study.enqueue_trial({k: v for k, v in params.items() if k in dists})
+        """An Optuna trial fixed to ``params`` (the part of them Optuna can be told:
+        :func:`search.optuna_params`), so the sampler learns from an enqueued trial without
+        being told values of keys the trial does not use."""
+        fixed = search.optuna_params(runtime.spec, params)
+        runtime.optuna_study.enqueue_trial(fixed, skip_if_exists=False)
         otrial = runtime.optuna_study.ask()
-        search.suggest_params(otrial, runtime.spec)
+        search.suggest_fixed(otrial, runtime.spec, params)
         return otrial
 
     # ------------------------------------------------------------------ limits
@@ -446,7 +461,7 @@ class Scheduler:
         )
 
     def _check_failures(self, session: Any, run: Run) -> None:
-        study = session.get(Study, run.study_pk)
+        study = session.get(Study, run.study_pk, with_for_update=True)
         runtime = self._runtimes[run.study_pk]
         failed = session.execute(
             select(Trial.pk).where(Trial.study_pk == run.study_pk, Trial.state == "failed")

@@ -244,6 +244,36 @@ def active_params(spec: StudySpec, params: Mapping[str, Any]) -> dict[str, Any]:
     return chosen
 
 
+def optuna_params(spec: StudySpec, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a trial's ``params`` Optuna can be told: searched keys the trial uses (given
+    its own ``method``/``sampler``, searched or not) whose values lie in their distribution.
+
+    A sampler trial's params are exactly these. A fixed (enqueued) trial may set keys outside
+    the search space (``method: sam`` in a TSAM-only study) or values outside a range; those
+    run as given but stay unknown to Optuna, which sees the trial over the keys it shares with
+    the space -- and never a key the trial does not use, which it would attribute to it.
+    """
+    dists = distributions(spec)
+    chosen = {k: params[k] for k in ("method", "sampler") if k in params}
+    out: dict[str, Any] = {}
+    for key in suggestion_order(spec):
+        if key not in params or not is_active(spec, key, chosen):
+            continue
+        try:
+            contained = dists[key]._contains(dists[key].to_internal_repr(params[key]))
+        except (ValueError, TypeError):
+            contained = False
+        if contained:
+            out[key] = params[key]
+    return out
+
+
+def suggest_fixed(trial: Trial, spec: StudySpec, params: Mapping[str, Any]) -> dict[str, Any]:
+    """Suggest exactly :func:`optuna_params` on ``trial`` (enqueued with those values)."""
+    fixed = optuna_params(spec, params)
+    return {key: _suggest(trial, key, spec.search_space[key]) for key in fixed}
+
+
 def suggest_params(trial: Trial, spec: StudySpec) -> dict[str, Any]:
     """Ask ``trial`` for the spec's parameters, define-by-run.
 

@@ -8,10 +8,11 @@ from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Resp
 from fastapi.responses import JSONResponse
 
 from service.deps import DbDep, OwnedStudy, OwnerDep, SettingsDep
-from service.studies import service
+from service.studies import lifecycle, service
 from service.studies.models import STUDY_STATUSES
 from service.studies.schemas import StudyOut, StudyPage
 from service.studies.spec import StudySpec, semantic_errors
+from service.trials.schemas import TrialItem
 
 router = APIRouter(prefix="/api/v1/studies", tags=["studies"])
 
@@ -135,3 +136,95 @@ def list_studies(
 def get_study(db: DbDep, study: OwnedStudy) -> StudyOut:
     """One study: status, spec, trial counts by state, best trial."""
     return _summary(db, study)
+
+
+# -- lifecycle ---------------------------------------------------------------------------------
+
+LIFECYCLE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    404: {"description": "no such study"},
+    409: {"description": "the study's status does not allow it"},
+}
+
+
+def _lifecycle(request: Request, db: DbDep, owner: str, study_id: str, verb: Any) -> StudyOut:
+    """Run a lifecycle call, map its errors to HTTP, wake the scheduler, answer the study."""
+    try:
+        study = verb(db, owner=owner, study_id=study_id)
+    except service.StudyNotFound:
+        raise HTTPException(404, f"study {study_id!r} not found") from None
+    except lifecycle.Conflict as err:
+        raise HTTPException(409, str(err)) from None
+    except lifecycle.InvalidInput as err:
+        raise HTTPException(422, err.errors) from None
+    request.app.state.scheduler.wake()
+    return _summary(db, study)
+
+
+@router.post("/{study_id}/pause", response_model=StudyOut, responses=LIFECYCLE_RESPONSES)
+def pause_study(request: Request, db: DbDep, owner: OwnerDep, study_id: str) -> StudyOut:
+    """Start no new trials; running ones finish. Pausing a paused study changes nothing."""
+    return _lifecycle(request, db, owner, study_id, lifecycle.pause)
+
+
+@router.post("/{study_id}/resume", response_model=StudyOut, responses=LIFECYCLE_RESPONSES)
+def resume_study(request: Request, db: DbDep, owner: OwnerDep, study_id: str) -> StudyOut:
+    """Continue a paused study."""
+    return _lifecycle(request, db, owner, study_id, lifecycle.resume)
+
+
+@router.post("/{study_id}/cancel", response_model=StudyOut, responses=LIFECYCLE_RESPONSES)
+def cancel_study(request: Request, db: DbDep, owner: OwnerDep, study_id: str) -> StudyOut:
+    """End the study: waiting trials are cancelled, running ones stopped and stored cancelled."""
+    return _lifecycle(request, db, owner, study_id, lifecycle.cancel)
+
+
+@router.delete("/{study_id}", status_code=204, responses=LIFECYCLE_RESPONSES)
+def delete_study(db: DbDep, owner: OwnerDep, study_id: str) -> Response:
+    """Remove a finished (completed, cancelled or failed) study and its trials."""
+    try:
+        lifecycle.delete_study(db, owner=owner, study_id=study_id)
+    except service.StudyNotFound:
+        raise HTTPException(404, f"study {study_id!r} not found") from None
+    except lifecycle.Conflict as err:
+        raise HTTPException(409, str(err)) from None
+    return Response(status_code=204)
+
+
+@router.patch(
+    "/{study_id}",
+    response_model=StudyOut,
+    responses={**LIFECYCLE_RESPONSES, 422: {"description": "invalid budget or priority"}},
+)
+def patch_study(
+    request: Request, db: DbDep, owner: OwnerDep, study_id: str, changes: lifecycle.StudyPatch
+) -> StudyOut:
+    """Change budget fields (n_trials, max_parallel, timeout_s, trial_timeout_s, max_failures)
+    or the priority of an unfinished study; takes effect at the scheduler's next pass."""
+
+    def verb(db: DbDep, *, owner: str, study_id: str) -> Any:
+        return lifecycle.patch(db, owner=owner, study_id=study_id, changes=changes)
+
+    return _lifecycle(request, db, owner, study_id, verb)
+
+
+@router.post(
+    "/{study_id}/trials",
+    status_code=201,
+    response_model=TrialItem,
+    responses={**LIFECYCLE_RESPONSES, 422: {"description": "invalid params"}},
+)
+def enqueue_trial(
+    request: Request, db: DbDep, owner: OwnerDep, study_id: str, body: lifecycle.EnqueueIn
+) -> TrialItem:
+    """Enqueue a trial with fixed params (e.g. ``{"params": {"method": "sam", "rho": 0.05}}``);
+    it runs before new sampler trials and counts towards ``n_trials``."""
+    try:
+        trial = lifecycle.enqueue(db, owner=owner, study_id=study_id, params=body.params)
+    except service.StudyNotFound:
+        raise HTTPException(404, f"study {study_id!r} not found") from None
+    except lifecycle.Conflict as err:
+        raise HTTPException(409, str(err)) from None
+    except lifecycle.InvalidInput as err:
+        raise HTTPException(422, err.errors) from None
+    request.app.state.scheduler.wake()
+    return TrialItem.of(trial)

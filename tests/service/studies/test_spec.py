@@ -458,3 +458,14 @@ def test_cmaes_without_its_package_is_an_error(monkeypatch):
 
     monkeypatch.setattr(spec_module.importlib.util, "find_spec", find_spec)
     assert semantic_locs({"sampler": {"name": "cmaes"}}) == [["sampler", "name"]]
+
+
+def test_the_spec_reference_in_docs_is_generated_from_the_models():
+    from pathlib import Path
+
+    from service.studies.reference import render
+
+    path = Path(__file__).resolve().parents[3] / "docs" / "spec.md"
+    assert path.read_text() == render(), (
+        "regenerate: python -m service.studies.reference > docs/spec.md"
+    )
