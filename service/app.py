@@ -17,7 +17,10 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from service import migrate
+from service.dashboard import mount_dashboard
 from service.db import Database
+from service.events import EventBroker, end_streams_on_server_exit
+from service.insights.router import router as insights_router
 from service.scheduler import Scheduler
 from service.settings import Settings
 from service.studies.router import router as studies_router
@@ -85,11 +88,14 @@ def create_app(settings: Settings | None = None, executor: Executor | None = Non
             tick_s=settings.scheduler_tick_s,
             git_revision=settings.git_revision or detect_git_revision(),
         )
+        scheduler.hooks.append(app.state.events.publish)
+        end_streams_on_server_exit()
         scheduler.start()
         app.state.db, app.state.scheduler = db, scheduler
         try:
             yield
         finally:
+            app.state.events.close()
             scheduler.stop()
             db.dispose()
 
@@ -100,6 +106,7 @@ def create_app(settings: Settings | None = None, executor: Executor | None = Non
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.events = EventBroker()
 
     @app.middleware("http")
     async def limit_body(
@@ -138,4 +145,6 @@ def create_app(settings: Settings | None = None, executor: Executor | None = Non
 
     app.include_router(studies_router)
     app.include_router(trials_router)
+    app.include_router(insights_router)
+    mount_dashboard(app)
     return app

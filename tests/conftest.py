@@ -5,24 +5,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
-import threading
-import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
 from urllib.parse import quote
 
 import pytest
 import sqlalchemy as sa
-import uvicorn
 
 from service import migrate
-from service.app import create_app
 from service.db import Database
-from service.settings import Settings
+from tests.service.live import LocalServer, local_server
 from workers.ray_executor import RayExecutor
 
 PG_ENV = "TSAM_TEST_DATABASE_URL"
@@ -105,34 +98,9 @@ def fresh_ray_executor(ray_executor: RayExecutor) -> Iterator[RayExecutor]:
 # -- one live server per session, on the session's Ray ---------------------------------------
 
 
-@dataclass
-class LiveServer:
-    url: str
-    app: Any
-    database_url: str
-
-
 @pytest.fixture(scope="session")
-def live_server(ray_executor: RayExecutor, tmp_path_factory) -> Iterator[LiveServer]:
+def live_server(ray_executor: RayExecutor, tmp_path_factory) -> Iterator[LocalServer]:
     """``tsam serve`` in a thread: uvicorn, the scheduler and a RayExecutor on the session's
     Ray, over a SQLite file."""
-    root = tmp_path_factory.mktemp("live")
-    settings = Settings(
-        database_url=f"sqlite:///{root / 'tsam.db'}",
-        checkpoint_root=str(root / "runs"),
-        scheduler_tick_s=0.5,
-    )
-    app = create_app(settings, executor=RayExecutor())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "live server did not start"
-        time.sleep(0.05)
-    yield LiveServer(f"http://127.0.0.1:{port}", app, settings.database_url)
-    server.should_exit = True
-    thread.join(60)
+    with local_server(tmp_path_factory.mktemp("live"), executor=RayExecutor()) as server:
+        yield server

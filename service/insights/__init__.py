@@ -1,0 +1,1 @@
+"""Study insights over HTTP: live events, parameter importances and bulk learning curves."""
