@@ -52,14 +52,20 @@ def test_event_stream_follows_a_real_run_in_order_and_ends_with_the_study(server
         assert name == data["type"]
         label = f"report{data['epoch']}" if name == "trial_report" else name
         by_trial.setdefault(data["number"], []).append(label)
-    # Trial 0 may have started before the stream opened; the later ones are seen whole.
+    # The first trial(s) may have begun before the stream opened (a loaded machine is slow to
+    # connect): each trial's events are a suffix of the full sequence, and once one trial is
+    # seen whole every later one is too.
     full = ["trial_started", "report1", "report2", "report3", "trial_finished"]
-    assert by_trial[1] == full and by_trial[2] == full
-    seen = by_trial.get(0, [])
-    assert seen == full[len(full) - len(seen) :]
+    whole = False
+    for number in sorted(by_trial):
+        seen = by_trial[number]
+        assert seen == full[len(full) - len(seen) :], (number, seen)
+        assert not whole or seen == full, (number, seen)
+        whole = whole or seen == full
+    assert by_trial[2] == full
     starts = [d["number"] for n, d in events if n == "trial_started"]
     finishes = [d for n, d in events if n == "trial_finished"]
-    assert starts == sorted(starts) and [d["number"] for d in finishes][-2:] == [1, 2]
+    assert starts == sorted(starts) and [d["number"] for d in finishes][-1] == 2
     assert all(d["state"] == "complete" and 0 < d["value"] <= 1 for d in finishes)
     # A finished study's stream answers its status at once and ends.
     assert read_events(f"{server.url}/api/v1/studies/{study['id']}/events") == [
