@@ -41,7 +41,7 @@ def test_event_stream_follows_a_real_run_in_order_and_ends_with_the_study(server
     study = server.submit(
         sleep_spec(
             "events",
-            budget={"n_trials": 3, "max_parallel": 1},
+            budget={"n_trials": 4, "max_parallel": 1},
             runner={"name": "sleep", "sleep_s": 0.15},
         )
     )
@@ -62,10 +62,10 @@ def test_event_stream_follows_a_real_run_in_order_and_ends_with_the_study(server
         assert seen == full[len(full) - len(seen) :], (number, seen)
         assert not whole or seen == full, (number, seen)
         whole = whole or seen == full
-    assert by_trial[2] == full
+    assert by_trial[3] == full
     starts = [d["number"] for n, d in events if n == "trial_started"]
     finishes = [d for n, d in events if n == "trial_finished"]
-    assert starts == sorted(starts) and [d["number"] for d in finishes][-1] == 2
+    assert starts == sorted(starts) and [d["number"] for d in finishes][-1] == 3
     assert all(d["state"] == "complete" and 0 < d["value"] <= 1 for d in finishes)
     # A finished study's stream answers its status at once and ends.
     assert read_events(f"{server.url}/api/v1/studies/{study['id']}/events") == [
