@@ -86,6 +86,7 @@ def create_app(settings: Settings | None = None, executor: Executor | None = Non
             executor or build_executor(settings),
             checkpoint_root=settings.checkpoint_root,
             tick_s=settings.scheduler_tick_s,
+            batch_s=settings.scheduler_batch_s,
             git_revision=settings.git_revision or detect_git_revision(),
         )
         scheduler.hooks.append(app.state.events.publish)

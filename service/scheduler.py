@@ -4,33 +4,38 @@ One thread in the server process owns it. It sleeps on an event that is set when
 happens -- a study arrives, an executor has reports -- so a freed slot is refilled within
 milliseconds; ``tick`` is only a safety net. Each pass:
 
-1. drains executor events: stores reports (and asks the pruner), results and failures;
+1. stores every pending executor event (reports, results, failures) in **one** write
+   transaction, each event inside its own savepoint so a bad one is dropped alone; what
+   follows from them in memory (telling Optuna, asking the pruner, events for the live
+   dashboard) happens only after that commit;
 2. cancels trials past ``trial_timeout_s`` and trials of studies that were cancelled;
-3. fills free slots: for each runnable study (priority, then oldest first), while it has
-   budget and fewer than ``max_parallel`` trials in flight and the executor has room, it
-   starts a waiting trial (a retry, an enqueued or interrupted one) or asks Optuna for a new
-   one, stores it as ``running`` with a fresh lease, and submits it.
+3. fills free slots: for each runnable study (priority, then oldest first) that has room,
+   one write transaction claims waiting trials (retries, enqueued or interrupted ones) and
+   creates new ones asked from Optuna, all as ``running`` under fresh leases; they are
+   submitted to the executor after the commit. A study with no room costs no write.
 
-Optuna runs in memory per study (ask/tell) and is rebuilt from our tables the first time a
-study is touched after start-up; the tables are the truth.
+Batching is what makes the scheduler cheap: a commit costs far more than the statements in it
+(an fsync on PostgreSQL, the write lock on SQLite), and a study with ``max_parallel`` trials
+produces its events in bursts. Optuna's side of a study lives in :mod:`service.runtime`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
-from sqlalchemy import select
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from service import search
 from service.db import Database, utcnow
+from service.runtime import StudyRuntime, rebuild
 from service.studies.models import ACTIVE_STATUSES, Study
 from service.studies.spec import StudySpec
 from service.trials import service as trials
@@ -40,17 +45,8 @@ from workers.trial import TrialSpec
 
 log = logging.getLogger("tsam.scheduler")
 EventHook = Callable[[str, dict[str, Any]], None]
+Action = Callable[[], None]
 CAPACITY_REFRESH_S = 5.0
-
-
-@dataclass
-class StudyRuntime:
-    """The in-memory side of one study: its Optuna study and live Optuna trials."""
-
-    spec: StudySpec
-    optuna_study: optuna.Study
-    study_id: str = ""
-    live: dict[int, optuna.trial.Trial] = field(default_factory=dict)
 
 
 @dataclass
@@ -69,6 +65,20 @@ class Run:
     last_metrics: dict[str, Any] = field(default_factory=dict)
     last_value: float | None = None
     stop_reason: str | None = None  # pruned | timeout | cancelled | drain
+    ended: bool = False  # its terminal event was stored in the current pass
+
+
+@dataclass
+class _Start:
+    """A trial claimed in a fill transaction, submitted once that transaction commits."""
+
+    trial_pk: int
+    number: int
+    attempt: int
+    lease: str
+    params: dict[str, Any]
+    otrial: optuna.trial.Trial
+    asked: bool  # a new Optuna trial: told FAIL if the transaction does not commit
 
 
 class Scheduler:
@@ -81,12 +91,14 @@ class Scheduler:
         *,
         checkpoint_root: str,
         tick_s: float = 1.0,
+        batch_s: float = 0.0,
         git_revision: str | None = None,
     ) -> None:
         self.db = db
         self.executor = executor
         self.checkpoint_root = Path(checkpoint_root)
         self.tick_s = tick_s
+        self.batch_s = batch_s
         self.git_revision = git_revision
         self.hooks: list[EventHook] = []
         self._wake = threading.Event()
@@ -94,6 +106,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._runtimes: dict[int, StudyRuntime] = {}
         self._runs: dict[str, Run] = {}
+        self._unstored: list[ExecutorEvent] = []  # drained, but their transaction failed
         self._capacity: tuple[float, float, float] | None = None  # cpus, gpus, checked at
         self.passes = 0
 
@@ -138,7 +151,11 @@ class Scheduler:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._wake.wait(self.tick_s)
+            if self._wake.wait(self.tick_s) and self.batch_s:
+                # A trial's events come in bursts (its result right behind its last report;
+                # several trials ending together): a few ms of patience stores a burst in one
+                # transaction instead of one each.
+                self._stop.wait(self.batch_s)
             self._wake.clear()
             if self._stop.is_set():
                 break
@@ -151,57 +168,6 @@ class Scheduler:
         """One pass (public so tests can drive the scheduler without its thread)."""
         self.passes += 1
         self._handle_events(self.executor.drain())
-        self._enforce_limits()
-        self._fill_slots()
-
-    def _emit(self, study_id: str, event: dict[str, Any]) -> None:
-        for hook in self.hooks:
-            try:
-                hook(study_id, event)
-            except Exception:
-                log.exception("event hook failed")
-
-    # ------------------------------------------------------------------ runtimes
-    def _runtime(self, session: Any, study: Study) -> StudyRuntime:
-        """The study's Optuna side, rebuilt from stored trials on first use."""
-        runtime = self._runtimes.get(study.pk)
-        spec = StudySpec.model_validate(study.spec)
-        if runtime is not None and runtime.study_id == study.id:
-            runtime.spec = spec  # budgets may have been edited
-            return runtime
-        ostudy = search.create_optuna_study(spec)
-        dists = search.distributions(spec)
-        rows = session.execute(
-            select(Trial).where(Trial.study_pk == study.pk).order_by(Trial.number)
-        ).scalars()
-        frozen = []
-        for trial in rows:
-            state = _OPTUNA_STATE.get(trial.state)
-            if state is None:
-                continue
-            params = search.optuna_params(spec, trial.params)
-            values = (trial.values or None) if state == optuna.trial.TrialState.COMPLETE else None
-            if state == optuna.trial.TrialState.PRUNED:
-                values = None
-            frozen.append(
-                optuna.trial.create_trial(
-                    params=params,
-                    distributions={k: dists[k] for k in params},
-                    values=values,
-                    state=state,
-                    intermediate_values=_intermediate_values(session, trial, spec),
-                    user_attrs={"number": trial.number},
-                )
-            )
-        ostudy.add_trials(frozen)
-        runtime = StudyRuntime(spec, ostudy, study.id)
-        self._runtimes[study.pk] = runtime
-        return runtime
-
-    # ------------------------------------------------------------------ filling slots
-    def _fill_slots(self) -> None:
-        if self._stop.is_set():
-            return
         with self.db.read() as session:
             studies = list(
                 session.execute(
@@ -210,136 +176,199 @@ class Scheduler:
                     .order_by(Study.priority.desc(), Study.pk)
                 ).scalars()
             )
-        for study in studies:
-            self._fill_study(study)
+            statuses = self._run_statuses(session, studies)
+            to_fill = [s for s in studies if self._has_work(session, s)]
+        self._enforce_limits(statuses)
+        if not self._stop.is_set():
+            for study in to_fill:
+                self._fill_study(study)
+
+    def _emit(self, study_id: str, event: dict[str, Any]) -> None:
+        for hook in self.hooks:
+            try:
+                hook(study_id, event)
+            except Exception:
+                log.exception("event hook failed")
+
+    def _runtime(self, session: Session, study: Study) -> StudyRuntime:
+        """The study's Optuna side, rebuilt from stored trials on first use."""
+        runtime = self._runtimes.get(study.pk)
+        if runtime is not None and runtime.study_id == study.id:
+            runtime.refresh(study)  # budgets may have been edited
+            return runtime
+        runtime = rebuild(session, study)
+        self._runtimes[study.pk] = runtime
+        return runtime
+
+    def _in_flight(self, study_pk: int) -> int:
+        return sum(1 for r in self._runs.values() if r.study_pk == study_pk)
+
+    # ------------------------------------------------------------------ filling slots
+    def _has_work(self, session: Session, study: Study) -> bool:
+        """Whether ``study`` may start a trial or complete now: False skips its write
+        transaction. Decided from the last known spec; the transaction re-checks."""
+        runtime = self._runtimes.get(study.pk)
+        if runtime is None or runtime.study_id != study.id or study.spec != runtime.raw_spec:
+            return True
+        in_flight = self._in_flight(study.pk)
+        if in_flight == 0:
+            return True  # it may be complete
+        budget = runtime.spec.budget
+        if in_flight >= budget.max_parallel:
+            return False
+        resources = Resources(runtime.spec.resources.cpus, runtime.spec.resources.gpus)
+        if not self._fits(resources):
+            return False
+        exhausted = _timed_out(study, budget.timeout_s) or study.next_number >= budget.n_trials
+        if not exhausted:
+            return True
+        waiting = session.execute(
+            select(Trial.pk).where(Trial.study_pk == study.pk, Trial.state == "waiting").limit(1)
+        ).first()
+        return waiting is not None
 
     def _fill_study(self, study: Study) -> None:
-        with self.db.write() as session:
-            # Re-read inside the write transaction: a pause, cancel or budget edit may have
-            # landed since the list was read (a stale n_trials must not complete the study).
-            fresh = session.get(Study, study.pk, with_for_update=True)
-            if fresh is None or fresh.status not in ACTIVE_STATUSES:
-                return
-            study = fresh
-            runtime = self._runtime(session, study)
-            budget = runtime.spec.budget
-            in_flight = sum(1 for r in self._runs.values() if r.study_pk == study.pk)
-            timed_out = _timed_out(study, budget.timeout_s)
-            waiting = list(
-                session.execute(
-                    select(Trial)
-                    .where(Trial.study_pk == study.pk, Trial.state == "waiting")
-                    .order_by(Trial.number)
-                ).scalars()
-            )
-            exhausted = timed_out or study.next_number >= budget.n_trials
-            if not waiting and in_flight == 0 and exhausted:
-                row = session.get(Study, study.pk)
-                if row is not None and row.status in ACTIVE_STATUSES:
-                    row.status, row.finished_at = "completed", utcnow()
-                self._emit(study.id, {"type": "study", "status": "completed"})
-                return
-        resources = Resources(cpus=runtime.spec.resources.cpus, gpus=runtime.spec.resources.gpus)
-        created = study.next_number
-        while in_flight < budget.max_parallel and self._fits(resources):
+        starts: list[_Start] = []
+        runtime: StudyRuntime | None = None
+        try:
+            with self.db.write() as session:
+                # Locked (PostgreSQL; SQLite's BEGIN IMMEDIATE serializes writers): a pause,
+                # cancel or budget edit committing meanwhile is seen here, and the status
+                # written below cannot overwrite it.
+                fresh = session.get(Study, study.pk, with_for_update=True)
+                if fresh is None or fresh.status not in ACTIVE_STATUSES:
+                    return
+                runtime = self._runtime(session, fresh)
+                if self._claim_starts(session, fresh, runtime, starts) == "completed":
+                    fresh.status, fresh.finished_at = "completed", utcnow()
+                    completed = True
+                else:
+                    completed = False
+                if starts and fresh.status == "queued":
+                    fresh.status, fresh.started_at = "running", utcnow()
+        except Exception:
+            if runtime is not None:
+                for start in starts:
+                    if start.asked:  # nothing started: the asked Optuna trial must not dangle
+                        runtime.optuna_study.tell(start.otrial, state=optuna.trial.TrialState.FAIL)
+            raise
+        if completed:
+            self._emit(study.id, {"type": "study", "status": "completed"})
+        for start in starts:
+            self._submit(fresh, runtime, start)
+
+    def _claim_starts(
+        self, session: Session, study: Study, runtime: StudyRuntime, starts: list[_Start]
+    ) -> str | None:
+        """Claim or create the trials ``study`` can start now into ``starts``; returns
+        ``"completed"`` when the study has nothing left to run."""
+        budget = runtime.spec.budget
+        in_flight = self._in_flight(study.pk)
+        timed_out = _timed_out(study, budget.timeout_s)
+        waiting = list(
+            session.execute(
+                select(Trial)
+                .where(Trial.study_pk == study.pk, Trial.state == "waiting")
+                .order_by(Trial.number)
+            ).scalars()
+        )
+        if not waiting and in_flight == 0 and (timed_out or study.next_number >= budget.n_trials):
+            return "completed"
+        resources = Resources(runtime.spec.resources.cpus, runtime.spec.resources.gpus)
+        room = budget.max_parallel - in_flight
+        new_params: list[tuple[optuna.trial.Trial, dict[str, Any]]] = []
+        planned: list[Resources] = []
+        while room > 0 and self._fits(resources, planned):
             if waiting:
-                trial: Trial | None = waiting.pop(0)
-            elif not timed_out and created < budget.n_trials:
-                trial = None
+                trial = waiting.pop(0)
+                lease = trials.claim(session, trial)
+                if lease is not None:
+                    otrial = runtime.live.get(trial.number) or runtime.ask_fixed(trial.params)
+                    starts.append(
+                        _Start(
+                            trial.pk,
+                            trial.number,
+                            trial.attempts,
+                            lease,
+                            trial.params,
+                            otrial,
+                            False,
+                        )
+                    )
+            elif not timed_out and study.next_number + len(new_params) < budget.n_trials:
+                otrial = runtime.optuna_study.ask()
+                new_params.append((otrial, search.suggest_params(otrial, runtime.spec)))
             else:
                 break
-            if not self._start_trial(study, runtime, trial, resources):
-                break
-            in_flight += 1
-            created += 1 if trial is None else 0
+            room -= 1
+            planned.append(resources)
+        created = trials.create_running(
+            session, study_pk=study.pk, params=[p for _, p in new_params]
+        )
+        for (otrial, params), (pk, number, lease) in zip(new_params, created, strict=True):
+            starts.append(_Start(pk, number, 1, lease, params, otrial, True))
+        return None
 
-    def _fits(self, resources: Resources) -> bool:
-        now = time.monotonic()
-        if self._capacity is None or now - self._capacity[2] > CAPACITY_REFRESH_S:
-            cap = self.executor.capacity()
-            self._capacity = (cap.total_cpus, cap.total_gpus, now)
-        cpus = sum(r.resources.cpus for r in self._runs.values()) + resources.cpus
-        gpus = sum(r.resources.gpus for r in self._runs.values()) + resources.gpus
-        return cpus <= self._capacity[0] + 1e-9 and gpus <= self._capacity[1] + 1e-9
-
-    def _start_trial(
-        self, study: Study, runtime: StudyRuntime, waiting: Trial | None, resources: Resources
-    ) -> bool:
-        """Store the trial as running under a new lease and submit it."""
+    def _submit(self, study: Study, runtime: StudyRuntime, start: _Start) -> None:
         spec = runtime.spec
-        if waiting is None:
-            otrial = runtime.optuna_study.ask()
-            params = search.suggest_params(otrial, spec)
-        else:
-            otrial = runtime.live.get(waiting.number) or self._ask_fixed(runtime, waiting.params)
-            params = waiting.params
-        with self.db.write() as session:
-            # Locked (PostgreSQL): a pause or cancel committing meanwhile is seen here, and
-            # the status written below cannot overwrite it.
-            row = session.get(Study, study.pk, with_for_update=True)
-            lease = None
-            if row is not None and row.status in ACTIVE_STATUSES:
-                trial = waiting or trials.create_trial(session, study=row, params=params)
-                if waiting is not None:
-                    trial = session.get(Trial, waiting.pk) or waiting
-                lease = trials.claim(session, trial)
-            if row is None or lease is None:
-                if waiting is None or runtime.live.get(waiting.number) is not otrial:
-                    # Nothing started: the Optuna trial asked for it must not stay running.
-                    runtime.optuna_study.tell(otrial, state=optuna.trial.TrialState.FAIL)
-                return False
-            if row.status == "queued":
-                row.status, row.started_at = "running", utcnow()
-            number, attempt, trial_pk = trial.number, trial.attempts, trial.pk
-        runtime.live[number] = otrial
+        runtime.live[start.number] = start.otrial
         task = TrialSpec(
             study_id=study.id,
-            trial_number=number,
-            attempt=attempt,
-            lease_token=lease,
-            config=_runner_config(spec, params),
-            checkpoint_dir=str(self.checkpoint_root / study.id / str(number)),
+            trial_number=start.number,
+            attempt=start.attempt,
+            lease_token=start.lease,
+            config=_runner_config(spec, start.params),
+            checkpoint_dir=str(self.checkpoint_root / study.id / str(start.number)),
             runner=spec.runner.name,
             git_revision=self.git_revision,
         )
-        run_id = self.executor.submit(task, resources)
+        resources = Resources(spec.resources.cpus, spec.resources.gpus)
+        try:
+            run_id = self.executor.submit(task, resources)
+        except Exception as exc:
+            log.exception("could not submit trial %s of study %s", start.number, study.id)
+            with self.db.write() as session:
+                trials.release(session, start.trial_pk, start.lease, f"submit failed: {exc}")
+            return
         self._runs[run_id] = Run(
             run_id,
             study.pk,
             study.id,
-            trial_pk,
-            number,
-            attempt,
-            lease,
+            start.trial_pk,
+            start.number,
+            start.attempt,
+            start.lease,
             resources,
             time.monotonic(),
         )
-        self._emit(study.id, {"type": "trial_started", "number": number, "attempt": attempt})
-        return True
+        self._emit(
+            study.id, {"type": "trial_started", "number": start.number, "attempt": start.attempt}
+        )
 
-    @staticmethod
-    def _ask_fixed(runtime: StudyRuntime, params: dict[str, Any]) -> optuna.trial.Trial:
-        """An Optuna trial fixed to ``params`` (the part of them Optuna can be told:
-        :func:`search.optuna_params`), so the sampler learns from an enqueued trial without
-        being told values of keys the trial does not use."""
-        fixed = search.optuna_params(runtime.spec, params)
-        runtime.optuna_study.enqueue_trial(fixed, skip_if_exists=False)
-        otrial = runtime.optuna_study.ask()
-        search.suggest_fixed(otrial, runtime.spec, params)
-        return otrial
+    def _fits(self, resources: Resources, planned: Sequence[Resources] = ()) -> bool:
+        """Whether ``resources`` fit next to the runs in flight and those ``planned`` in this
+        pass (the executor's capacity is re-read every few seconds, not per call)."""
+        now = time.monotonic()
+        if self._capacity is None or now - self._capacity[2] > CAPACITY_REFRESH_S:
+            cap = self.executor.capacity()
+            self._capacity = (cap.total_cpus, cap.total_gpus, now)
+        taken = [r.resources for r in self._runs.values()] + list(planned) + [resources]
+        cpus = sum(r.cpus for r in taken)
+        gpus = sum(r.gpus for r in taken)
+        return cpus <= self._capacity[0] + 1e-9 and gpus <= self._capacity[1] + 1e-9
 
     # ------------------------------------------------------------------ limits
-    def _enforce_limits(self) -> None:
-        if not self._runs:
-            return
-        with self.db.read() as session:
-            statuses = dict(
-                session.execute(
-                    select(Study.pk, Study.status).where(
-                        Study.pk.in_({r.study_pk for r in self._runs.values()})
-                    )
-                ).all()
+    def _run_statuses(self, session: Session, studies: list[Study]) -> dict[int, str]:
+        """Status of every study with a run in flight (active ones are already loaded)."""
+        statuses = {s.pk: s.status for s in studies}
+        others = {r.study_pk for r in self._runs.values()} - statuses.keys()
+        if others:
+            statuses.update(
+                session.execute(select(Study.pk, Study.status).where(Study.pk.in_(others))).all()
             )
+        return statuses
+
+    def _enforce_limits(self, statuses: dict[int, str]) -> None:
         now = time.monotonic()
         for run in list(self._runs.values()):
             if run.stop_reason is not None:
@@ -356,65 +385,117 @@ class Scheduler:
 
     # ------------------------------------------------------------------ events
     def _handle_events(self, events: list[ExecutorEvent]) -> None:
-        for event in events:
-            run = self._runs.get(event.run_id)
-            if run is None:
-                continue
+        """Store ``events`` in one transaction, then act on them in memory.
+
+        Each handler writes through the session and returns the in-memory follow-ups
+        (Optuna, pruning, dashboard events) to run after the commit, so Optuna never learns of
+        a result the database does not hold. If a handler raises, the batch is stored again
+        with a savepoint per event, and only the bad event is dropped (and logged). If the
+        commit itself fails, nothing was acted on and the events wait for the next pass.
+        """
+        events, self._unstored = self._unstored + events, []
+        todo = [(self._runs[e.run_id], e) for e in events if e.run_id in self._runs]
+        if not todo:
+            return
+        try:
             try:
-                handler = getattr(self, f"_on_{event.kind}")
-                handler(run, event.payload, event)
+                after = self._store(todo, isolate=False)
+            except _HandlerError:
+                after = self._store(todo, isolate=True)
+        except Exception:
+            log.exception("could not store %d trial event(s); retrying next pass", len(todo))
+            self._unstored = [e for _, e in todo]
+            return
+        for action in after:
+            try:
+                action()
             except Exception:
-                log.exception("failed to handle %s of trial %s", event.kind, run.number)
+                log.exception("acting on a stored trial event failed")
 
-    def _on_started(self, run: Run, payload: dict[str, Any], _e: ExecutorEvent) -> None:
-        with self.db.write() as session:
-            trials.record_started(session, run.trial_pk, run.lease, payload.get("env", {}))
+    def _store(self, todo: list[tuple[Run, ExecutorEvent]], *, isolate: bool) -> list[Action]:
+        """One write transaction for all of ``todo``; ``isolate`` puts each event in a
+        savepoint (a few statements more per event, so only after a failure)."""
+        after: list[Action] = []
+        try:
+            with self.db.write() as session:
+                for run, event in todo:
+                    handler = getattr(self, f"_on_{event.kind}")
+                    if not isolate:
+                        try:
+                            after.extend(handler(session, run, event))
+                        except Exception as exc:
+                            raise _HandlerError from exc
+                        continue
+                    try:
+                        with session.begin_nested():
+                            after.extend(handler(session, run, event))
+                    except Exception:
+                        log.exception("failed to store %s of trial %s", event.kind, run.number)
+        except BaseException:
+            for run, _ in todo:
+                run.ended = False
+            raise
+        return after
 
-    def _on_report(self, run: Run, payload: dict[str, Any], _e: ExecutorEvent) -> None:
-        epoch, metrics = int(payload["epoch"]), dict(payload["metrics"])
-        with self.db.write() as session:
-            if not trials.record_report(
-                session, run.trial_pk, run.lease, epoch=epoch, attempt=run.attempt, metrics=metrics
-            ):
-                return
-        run.last_metrics = metrics
-        self._emit(run.study_id, {"type": "trial_report", "number": run.number, "epoch": epoch})
+    def _on_started(self, session: Session, run: Run, event: ExecutorEvent) -> list[Action]:
+        trials.record_started(session, run.trial_pk, run.lease, event.payload.get("env", {}))
+        return []
+
+    def _on_report(self, session: Session, run: Run, event: ExecutorEvent) -> list[Action]:
+        epoch, metrics = int(event.payload["epoch"]), dict(event.payload["metrics"])
+        if not trials.record_report(
+            session, run.trial_pk, run.lease, epoch=epoch, attempt=run.attempt, metrics=metrics
+        ):
+            return []
+
+        def follow_up() -> None:
+            run.last_metrics = metrics
+            self._emit(run.study_id, {"type": "trial_report", "number": run.number, "epoch": epoch})
+            self._maybe_prune(run, epoch, metrics)
+
+        return [follow_up]
+
+    def _maybe_prune(self, run: Run, epoch: int, metrics: dict[str, Any]) -> None:
         runtime = self._runtimes[run.study_pk]
         values = search.objective_values(runtime.spec, metrics)
         if values is None or len(values) != 1:
             return
         run.last_value = values[0]
         otrial = runtime.live.get(run.number)
-        if otrial is None or run.stop_reason is not None:
+        if otrial is None or run.stop_reason is not None or run.ended:
             return
         otrial.report(values[0], epoch)
         if otrial.should_prune():
             run.stop_reason = "pruned"
             self.executor.cancel(run.run_id)
 
-    def _on_result(self, run: Run, payload: dict[str, Any], _e: ExecutorEvent) -> None:
+    def _on_result(self, session: Session, run: Run, event: ExecutorEvent) -> list[Action]:
         runtime = self._runtimes[run.study_pk]
-        metrics = dict(payload.get("metrics", {}))
+        metrics = dict(event.payload.get("metrics", {}))
         values = search.objective_values(runtime.spec, metrics)
         if values is None:
             names = [o.metric for o in runtime.spec.objectives]
             outcome = trials.Outcome("failed", metrics=metrics, error=f"objective {names} missing")
         else:
             outcome = trials.Outcome("complete", values[0], values, metrics)
-        self._end(run, outcome)
+        return self._end(session, run, outcome)
 
-    def _on_failed(self, run: Run, payload: dict[str, Any], event: ExecutorEvent) -> None:
-        error = payload.get("traceback") or payload.get("error") or "unknown error"
+    def _on_failed(self, session: Session, run: Run, event: ExecutorEvent) -> list[Action]:
+        error = event.payload.get("traceback") or event.payload.get("error") or "unknown error"
         runtime = self._runtimes[run.study_pk]
         if event.retryable and run.attempt < runtime.spec.budget.max_attempts:
-            with self.db.write() as session:
-                trials.release(session, run.trial_pk, run.lease, str(error))
-            self._forget(run)
-            self._emit(run.study_id, {"type": "trial_retry", "number": run.number})
-            return
-        self._end(run, trials.Outcome("failed", metrics=run.last_metrics or None, error=str(error)))
+            trials.release(session, run.trial_pk, run.lease, str(error))
+            run.ended = True
 
-    def _on_cancelled(self, run: Run, payload: dict[str, Any], _e: ExecutorEvent) -> None:
+            def retry() -> None:
+                self._forget(run)
+                self._emit(run.study_id, {"type": "trial_retry", "number": run.number})
+
+            return [retry]
+        outcome = trials.Outcome("failed", metrics=run.last_metrics or None, error=str(error))
+        return self._end(session, run, outcome)
+
+    def _on_cancelled(self, session: Session, run: Run, event: ExecutorEvent) -> list[Action]:
         if run.stop_reason == "pruned":
             outcome = trials.Outcome(
                 "pruned",
@@ -427,63 +508,63 @@ class Scheduler:
                 "failed", metrics=run.last_metrics or None, error="trial_timeout_s exceeded"
             )
         elif run.stop_reason == "drain":
-            with self.db.write() as session:
-                trials.release(session, run.trial_pk, run.lease, "interrupted: the server stopped")
-            self._forget(run)
-            return
+            trials.release(session, run.trial_pk, run.lease, "interrupted: the server stopped")
+            run.ended = True
+            return [lambda: self._forget(run)]
         else:
             outcome = trials.Outcome("cancelled", metrics=run.last_metrics or None)
-        self._end(run, outcome)
+        return self._end(session, run, outcome)
 
-    def _end(self, run: Run, outcome: trials.Outcome) -> None:
-        """Record the outcome (once: compare-and-set on the lease), then tell Optuna."""
-        with self.db.write() as session:
-            recorded = trials.finish(session, run.trial_pk, run.lease, outcome)
-            if recorded and outcome.state == "failed":
-                self._check_failures(session, run)
-        self._forget(run)
-        if not recorded:
-            return
-        runtime = self._runtimes.get(run.study_pk)
-        otrial = runtime.live.pop(run.number, None) if runtime else None
-        if runtime is not None and otrial is not None:
-            state = _OPTUNA_STATE[outcome.state]
-            values = outcome.values if state == optuna.trial.TrialState.COMPLETE else None
-            runtime.optuna_study.tell(otrial, values, state=state, skip_if_finished=True)
-        self._emit(
-            run.study_id,
-            {
-                "type": "trial_finished",
-                "number": run.number,
-                "state": outcome.state,
-                "value": outcome.value,
-            },
+    def _end(self, session: Session, run: Run, outcome: trials.Outcome) -> list[Action]:
+        """Record the outcome (once: compare-and-set on the lease); after the commit, tell
+        Optuna and the dashboard."""
+        recorded = trials.finish(session, run.trial_pk, run.lease, outcome)
+        study_failed = (
+            recorded and outcome.state == "failed" and self._too_many_failures(session, run)
         )
+        run.ended = True
 
-    def _check_failures(self, session: Any, run: Run) -> None:
-        study = session.get(Study, run.study_pk, with_for_update=True)
-        runtime = self._runtimes[run.study_pk]
-        failed = session.execute(
-            select(Trial.pk).where(Trial.study_pk == run.study_pk, Trial.state == "failed")
-        ).all()
-        if study is not None and len(failed) >= runtime.spec.budget.max_failures:
-            study.status, study.finished_at = "failed", utcnow()
-            study.error = (
-                f"{len(failed)} trials failed (max_failures={runtime.spec.budget.max_failures})"
+        def follow_up() -> None:
+            self._forget(run)
+            if not recorded:
+                return
+            runtime = self._runtimes.get(run.study_pk)
+            if runtime is not None:
+                runtime.tell(run.number, outcome.state, outcome.values)
+            self._emit(
+                run.study_id,
+                {
+                    "type": "trial_finished",
+                    "number": run.number,
+                    "state": outcome.state,
+                    "value": outcome.value,
+                },
             )
-            self._emit(study.id, {"type": "study", "status": "failed"})
+            if study_failed:
+                self._emit(run.study_id, {"type": "study", "status": "failed"})
+
+        return [follow_up]
+
+    def _too_many_failures(self, session: Session, run: Run) -> bool:
+        """Fail the study once ``max_failures`` trials failed; True if this call did."""
+        study = session.get(Study, run.study_pk, with_for_update=True)
+        limit = self._runtimes[run.study_pk].spec.budget.max_failures
+        failed = session.execute(
+            select(func.count()).where(Trial.study_pk == run.study_pk, Trial.state == "failed")
+        ).scalar_one()
+        if study is None or failed < limit or study.status not in (*ACTIVE_STATUSES, "paused"):
+            return False
+        study.status, study.finished_at = "failed", utcnow()
+        study.error = f"{failed} trials failed (max_failures={limit})"
+        return True
 
     def _forget(self, run: Run) -> None:
         self._runs.pop(run.run_id, None)
         self._wake.set()
 
 
-_OPTUNA_STATE = {
-    "complete": optuna.trial.TrialState.COMPLETE,
-    "pruned": optuna.trial.TrialState.PRUNED,
-    "failed": optuna.trial.TrialState.FAIL,
-    "cancelled": optuna.trial.TrialState.FAIL,
-}
+class _HandlerError(Exception):
+    """A handler raised while storing a batch of events without savepoints."""
 
 
 def _timed_out(study: Study, timeout_s: float | None) -> bool:
@@ -493,17 +574,6 @@ def _timed_out(study: Study, timeout_s: float | None) -> bool:
     if started.tzinfo is None:  # SQLite returns naive datetimes
         started = started.replace(tzinfo=utcnow().tzinfo)
     return (utcnow() - started).total_seconds() > timeout_s
-
-
-def _intermediate_values(session: Any, trial: Trial, spec: StudySpec) -> dict[int, float]:
-    if len(spec.objectives) != 1:
-        return {}
-    out = {}
-    for row in trials.intermediate(session, [trial.pk])[trial.pk]:
-        value = row.get(spec.objectives[0].metric)
-        if isinstance(value, int | float) and math.isfinite(value):
-            out[int(row["epoch"])] = float(value)
-    return out
 
 
 def _runner_config(spec: StudySpec, params: dict[str, Any]) -> dict[str, Any]:

@@ -35,6 +35,13 @@ class Settings(BaseSettings):
     scheduler_tick_s: float = Field(
         1.0, gt=0, description="safety-net wake-up of the scheduler; events wake it sooner"
     )
+    scheduler_batch_s: float = Field(
+        0.005,
+        ge=0,
+        le=1,
+        description="after a wake-up, how long the scheduler lets a burst of trial events "
+        "gather before storing them in one transaction",
+    )
     checkpoint_root: str = Field("./runs", description="where trials write their checkpoints")
     default_owner: str = Field("local", description="owner of every study while auth is off")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="largest request body accepted")

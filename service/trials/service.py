@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, func, select, update
+from sqlalchemy import CursorResult, Table, bindparam, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from service.db import utcnow
@@ -57,6 +58,45 @@ def create_trial(
     return trial
 
 
+def create_running(
+    session: Session, *, study_pk: int, params: Sequence[dict[str, Any]]
+) -> list[tuple[int, int, str]]:
+    """New sampler trials that start at once: ``(pk, number, lease)`` per params, in order.
+
+    The scheduler's fast path: the numbers are reserved with one ``UPDATE ... RETURNING`` and
+    each row is inserted already ``running`` as attempt 1 under a fresh lease -- what
+    :func:`create_trial` followed by :func:`claim` would do, in ``1 + len(params)`` statements.
+    The caller holds the study row (``FOR UPDATE`` / ``BEGIN IMMEDIATE``).
+    """
+    if not params:
+        return []
+    end = session.execute(
+        update(Study)
+        .where(Study.pk == study_pk)
+        .values(next_number=Study.next_number + len(params))
+        .returning(Study.next_number)
+    ).scalar_one()
+    now = utcnow()
+    out = []
+    for offset, trial_params in enumerate(params):
+        number, lease = end - len(params) + offset, new_lease()
+        row = {
+            "study_pk": study_pk,
+            "number": number,
+            "params": trial_params,
+            "source": "sampler",
+            "state": "running",
+            "attempts": 1,
+            "lease_token": lease,
+            "created_at": now,
+            "started_at": now,
+            "heartbeat_at": now,
+        }
+        pk = session.execute(_INSERT_RUNNING, row).scalar_one()
+        out.append((pk, number, lease))
+    return out
+
+
 def claim(session: Session, trial: Trial) -> str | None:
     """Move a waiting trial to running as its next attempt; returns the new lease, or None
     when someone else claimed it first."""
@@ -85,29 +125,68 @@ def _running(pk: int, lease: str) -> Any:
     return (Trial.pk == pk) & (Trial.state == "running") & (Trial.lease_token == lease)
 
 
+# The scheduler's hot writes as prebuilt Core statements on the tables: SQLAlchemy then reuses
+# their compiled form, and skips the ORM's bulk-update bookkeeping (matching objects in the
+# identity map), which cost more than the statements themselves.
+_T = cast(Table, Trial.__table__)
+_M = cast(Table, TrialMetric.__table__)
+_LEASED = (_T.c.pk == bindparam("b_pk")) & (_T.c.state == "running")
+_LEASED &= _T.c.lease_token == bindparam("b_lease")
+_HEARTBEAT = update(_T).where(_LEASED).values(heartbeat_at=bindparam("b_now"))
+_STARTED = update(_T).where(_LEASED).values(env=bindparam("b_env"), heartbeat_at=bindparam("b_now"))
+_FINISH = (
+    update(_T)
+    .where(_LEASED)
+    .values(
+        state=bindparam("b_state"),
+        value=bindparam("b_value"),
+        values=bindparam("b_values"),
+        metrics=bindparam("b_metrics"),
+        error=bindparam("b_error"),
+        lease_token=None,
+        finished_at=bindparam("b_now"),
+    )
+)
+_INSERT_RUNNING = insert(_T).returning(_T.c.pk)
+_UPSERTS: dict[str, Any] = {}
+
+
+def _upsert_metric(dialect: str) -> Any:
+    """``INSERT ... ON CONFLICT (trial_pk, epoch) DO UPDATE`` for this dialect, built once."""
+    if dialect not in _UPSERTS:
+        stmt = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(_M)
+        _UPSERTS[dialect] = stmt.on_conflict_do_update(
+            index_elements=[_M.c.trial_pk, _M.c.epoch],
+            set_={"attempt": stmt.excluded.attempt, "metrics": stmt.excluded.metrics},
+        )
+    return _UPSERTS[dialect]
+
+
+def _cas(session: Session, statement: Any, pk: int, lease: str, **params: Any) -> bool:
+    """Run a lease compare-and-set; True if the attempt was still running under ``lease``."""
+    result = session.execute(statement, {"b_pk": pk, "b_lease": lease, "b_now": utcnow(), **params})
+    return cast(CursorResult[Any], result).rowcount == 1
+
+
 def record_started(session: Session, pk: int, lease: str, env: dict[str, Any]) -> bool:
     """Where the attempt runs (node, device, versions), under its lease."""
-    return bool(
-        _changed(
-            session, update(Trial).where(_running(pk, lease)).values(env=env, heartbeat_at=utcnow())
-        )
-    )
+    return _cas(session, _STARTED, pk, lease, b_env=env)
 
 
 def record_report(
     session: Session, pk: int, lease: str, *, epoch: int, attempt: int, metrics: dict[str, Any]
 ) -> bool:
-    """Store one epoch's metrics; a resumed attempt's report of an epoch replaces the old one."""
-    live = _changed(session, update(Trial).where(_running(pk, lease)).values(heartbeat_at=utcnow()))
-    if not live:
+    """Store one epoch's metrics; a resumed attempt's report of an epoch replaces the old one.
+
+    Two statements: the compare-and-set on the lease (which also beats the heartbeat) and an
+    upsert on ``(trial_pk, epoch)`` -- reports are the most frequent write.
+    """
+    if not _cas(session, _HEARTBEAT, pk, lease):
         return False
-    row = session.execute(
-        select(TrialMetric).where(TrialMetric.trial_pk == pk, TrialMetric.epoch == epoch)
-    ).scalar_one_or_none()
-    if row is None:
-        session.add(TrialMetric(trial_pk=pk, epoch=epoch, attempt=attempt, metrics=metrics))
-    else:
-        row.attempt, row.metrics = attempt, metrics
+    row = {"trial_pk": pk, "epoch": epoch, "attempt": attempt, "metrics": metrics}
+    session.execute(
+        _upsert_metric(session.get_bind().dialect.name), {**row, "created_at": utcnow()}
+    )
     return True
 
 
@@ -124,21 +203,16 @@ class Outcome:
 
 def finish(session: Session, pk: int, lease: str, outcome: Outcome) -> bool:
     """Record the attempt's final state; False (and nothing written) if the lease is stale."""
-    return bool(
-        _changed(
-            session,
-            update(Trial)
-            .where(_running(pk, lease))
-            .values(
-                state=outcome.state,
-                value=outcome.value,
-                values=outcome.values,
-                metrics=outcome.metrics,
-                error=outcome.error,
-                lease_token=None,
-                finished_at=utcnow(),
-            ),
-        )
+    return _cas(
+        session,
+        _FINISH,
+        pk,
+        lease,
+        b_state=outcome.state,
+        b_value=outcome.value,
+        b_values=outcome.values,
+        b_metrics=outcome.metrics,
+        b_error=outcome.error,
     )
 
 

@@ -115,3 +115,36 @@ def test_counts_by_state_groups_per_study(db):
             s1.pk: {"waiting": 1, "running": 1},
             s2.pk: {},
         }
+
+
+def test_create_running_reserves_consecutive_numbers_after_existing_trials(db):
+    study = _study(db)
+    _trial(db, study)
+    with db.write() as s:
+        made = trials.create_running(s, study_pk=study.pk, params=[{"t": 1.0}, {"t": 2.0}])
+    assert [number for _, number, _ in made] == [1, 2]
+    with db.read() as s:
+        rows = [s.get(Trial, pk) for pk, _, _ in made]
+    assert [(r.state, r.attempts, r.params) for r in rows] == [
+        ("running", 1, {"t": 1.0}),
+        ("running", 1, {"t": 2.0}),
+    ]
+    assert [r.lease_token for r in rows] == [lease for _, _, lease in made]
+    assert len({r.lease_token for r in rows}) == 2
+    assert _trial(db, study).number == 3
+    with db.write() as s:
+        assert trials.create_running(s, study_pk=study.pk, params=[]) == []
+
+
+def test_a_created_running_trial_takes_reports_and_its_result_under_its_lease(db):
+    study = _study(db)
+    with db.write() as s:
+        [(pk, _, lease)] = trials.create_running(s, study_pk=study.pk, params=[{"t": 1.0}])
+    with db.write() as s:
+        assert trials.record_report(s, pk, lease, epoch=1, attempt=1, metrics={"v": 0.5})
+        assert not trials.record_report(s, pk, "stale", epoch=2, attempt=1, metrics={"v": 0.6})
+        assert trials.finish(s, pk, lease, trials.Outcome("complete", 0.5, [0.5], {"v": 0.5}))
+    with db.read() as s:
+        row = s.get(Trial, pk)
+        assert row.state == "complete" and row.lease_token is None and row.value == 0.5
+        assert [m.epoch for m in s.execute(select(TrialMetric)).scalars()] == [1]

@@ -1,0 +1,207 @@
+"""How the scheduler writes: a burst of trial events is one transaction, a study with no room
+costs no write, a bad event is dropped alone, and events whose transaction failed are stored
+on the next pass -- on SQLite and PostgreSQL, with an executor the test drives by hand."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from service.db import Database
+from service.scheduler import Scheduler
+from service.studies import service as studies
+from service.studies.models import Study
+from service.studies.spec import StudySpec
+from service.trials.models import Trial, TrialMetric
+from workers.executor import Capacity, ExecutorEvent, Resources
+from workers.trial import TrialSpec
+
+
+class ManualExecutor:
+    """Runs nothing: records submissions; the test queues the events ``drain`` returns."""
+
+    def __init__(self, cpus: float = 8.0) -> None:
+        self.cpus = cpus
+        self.submitted: dict[str, TrialSpec] = {}
+        self.cancelled: list[str] = []
+        self.pending: list[ExecutorEvent] = []
+
+    def start(self, notify: Callable[[], None]) -> None:
+        pass
+
+    def submit(self, spec: TrialSpec, resources: Resources) -> str:
+        run_id = f"run-{spec.trial_number}-{spec.attempt}"
+        self.submitted[run_id] = spec
+        return run_id
+
+    def cancel(self, run_id: str) -> None:
+        self.cancelled.append(run_id)
+
+    def drain(self) -> list[ExecutorEvent]:
+        events, self.pending = self.pending, []
+        return events
+
+    def running(self) -> set[str]:
+        return set(self.submitted)
+
+    def capacity(self) -> Capacity:
+        return Capacity(self.cpus, 0.0, self.cpus, 0.0)
+
+    def shutdown(self) -> None:
+        pass
+
+    def finish(self, run_id: str, value: float, epochs: int = 2) -> None:
+        """Queue a whole trial's events: started, ``epochs`` reports, result."""
+        self.pending.append(ExecutorEvent(run_id, "started", {"env": {"host": "manual"}}))
+        for epoch in range(1, epochs + 1):
+            metrics = {"val_accuracy": value * epoch / epochs}
+            self.pending.append(
+                ExecutorEvent(run_id, "report", {"epoch": epoch, "metrics": metrics})
+            )
+        result = {"metrics": {"val_accuracy": value}, "stopped": False, "epochs": epochs}
+        self.pending.append(ExecutorEvent(run_id, "result", result))
+
+
+@pytest.fixture
+def commits(db: Database, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the write transactions the database committed (reads are not counted)."""
+    seen: list[int] = []
+    real_write = db.write
+
+    @contextmanager
+    def counted() -> Iterator[Any]:
+        with real_write() as session:
+            yield session
+        seen.append(1)
+
+    monkeypatch.setattr(db, "write", counted)
+    return seen
+
+
+def make(db: Database, tmp_path: Any, n_trials: int = 6, parallel: int = 3) -> tuple:
+    spec = StudySpec.model_validate(
+        {
+            "name": "batching",
+            "task": {"epochs": 2},
+            "search_space": {"lr": {"type": "float", "low": 0.001, "high": 0.5, "log": True}},
+            "sampler": {"name": "random", "seed": 0},
+            "budget": {"n_trials": n_trials, "max_parallel": parallel},
+        }
+    )
+    executor = ManualExecutor()
+    scheduler = Scheduler(db, executor, checkpoint_root=str(tmp_path / "runs"))
+    study = studies.create_study(db, owner="local", spec=spec)[0]
+    return scheduler, executor, study
+
+
+def trials_of(db: Database, study: Study) -> list[Trial]:
+    with db.read() as s:
+        return list(
+            s.execute(select(Trial).where(Trial.study_pk == study.pk).order_by(Trial.number))
+            .scalars()
+            .all()
+        )
+
+
+def test_the_first_pass_starts_max_parallel_trials_in_one_transaction(db, tmp_path, commits):
+    scheduler, executor, study = make(db, tmp_path)
+    commits.clear()
+    scheduler.run_pass()
+    assert len(executor.submitted) == 3
+    assert len(commits) == 1
+    rows = trials_of(db, study)
+    assert [(t.number, t.state, t.attempts) for t in rows] == [(n, "running", 1) for n in range(3)]
+    assert len({t.lease_token for t in rows}) == 3
+    with db.read() as s:
+        assert s.get(Study, study.pk).status == "running"
+
+
+def test_a_full_study_costs_no_write_per_pass(db, tmp_path, commits):
+    scheduler, _executor, _study = make(db, tmp_path)
+    scheduler.run_pass()
+    commits.clear()
+    for _ in range(5):
+        scheduler.run_pass()
+    assert commits == []
+
+
+def test_a_burst_of_events_of_several_trials_is_one_transaction(db, tmp_path, commits):
+    scheduler, executor, study = make(db, tmp_path)
+    scheduler.run_pass()
+    for run_id in list(executor.submitted)[:2]:
+        executor.finish(run_id, 0.5)
+    commits.clear()
+    scheduler.run_pass()
+    # one for the eight events of two trials, one to start the two trials that replace them
+    assert len(commits) == 2
+    rows = trials_of(db, study)
+    assert [t.state for t in rows] == ["complete", "complete", "running", "running", "running"]
+    assert rows[0].env == {"host": "manual"} and rows[0].value == 0.5
+    with db.read() as s:
+        epochs = s.execute(select(TrialMetric.epoch).where(TrialMetric.trial_pk == rows[0].pk))
+        assert sorted(epochs.scalars()) == [1, 2]
+    # Optuna was told both results before it was asked for the new trials
+    runtime = scheduler._runtimes[study.pk]
+    assert [t.value for t in runtime.optuna_study.get_trials() if t.value is not None] == [
+        0.5,
+        0.5,
+    ]
+
+
+def test_a_bad_event_is_dropped_alone(db, tmp_path, caplog):
+    scheduler, executor, study = make(db, tmp_path)
+    scheduler.run_pass()
+    first, second = list(executor.submitted)[:2]
+    executor.pending.append(
+        ExecutorEvent(first, "report", {"epoch": "not a number", "metrics": {}})
+    )
+    executor.finish(second, 0.25)
+    scheduler.run_pass()
+    rows = trials_of(db, study)
+    assert rows[0].state == "running"  # its broken report changed nothing
+    assert rows[1].state == "complete" and rows[1].value == 0.25
+    assert "failed to store report of trial 0" in caplog.text
+
+
+def test_events_whose_transaction_failed_are_stored_on_the_next_pass(
+    db, tmp_path, monkeypatch, caplog
+):
+    scheduler, executor, study = make(db, tmp_path)
+    scheduler.run_pass()
+    run_id = next(iter(executor.submitted))
+    executor.finish(run_id, 0.75)
+
+    real_write = db.write
+    calls = {"n": 0}
+
+    def failing_write() -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("database went away")
+        return real_write()
+
+    monkeypatch.setattr(db, "write", failing_write)
+    scheduler.run_pass()
+    assert "retrying next pass" in caplog.text
+    assert trials_of(db, study)[0].state == "running"  # nothing stored, nothing acted on
+    assert scheduler._runtimes[study.pk].optuna_study.get_trials()[0].value is None
+
+    scheduler.run_pass()
+    row = trials_of(db, study)[0]
+    assert row.state == "complete" and row.value == 0.75 and row.attempts == 1
+    assert scheduler._runtimes[study.pk].optuna_study.get_trials()[0].value == 0.75
+
+
+def test_a_study_completes_once_its_last_trials_are_stored(db, tmp_path):
+    scheduler, executor, study = make(db, tmp_path, n_trials=2, parallel=2)
+    scheduler.run_pass()
+    for run_id in list(executor.submitted):
+        executor.finish(run_id, 0.5)
+    scheduler.run_pass()
+    with db.read() as s:
+        assert s.get(Study, study.pk).status == "completed"
+    assert [t.state for t in trials_of(db, study)] == ["complete", "complete"]
