@@ -5,12 +5,13 @@
   :class:`~workers.executor.Resources` (fractions allowed). Ray's own retries are off: a Ray
   retry would replay the report stream from epoch 0 behind the scheduler's back; the scheduler
   retries a failed run itself, as the trial's next attempt, which resumes from its checkpoint.
-* One "pump" thread owns every ``ObjectRefGenerator`` (they are not thread-safe) and waits on
-  all of them at once with ``ray.wait``, which accepts generators and wakes as soon as any has
-  a new item. One thread rather than one per trial: a cluster can run hundreds of trials, and
-  a thread blocked per trial buys nothing, since the events are tiny dicts read in
-  microseconds. The wait has a short timeout so the thread picks up new submissions and
-  cancel deadlines; events themselves wake it at once.
+* One "pump" thread runs an asyncio loop with one small reader coroutine per run: ``async for
+  ref in generator`` wakes as soon as Ray has a new item, with no polling, so an event reaches
+  the scheduler within a millisecond or so of Ray receiving it, and a new submission is read
+  from its first item on. One thread rather than one per trial: a cluster can run hundreds of
+  trials, and a thread blocked per trial buys nothing, since the events are tiny dicts.
+  (Polling ``ray.wait`` over all generators with a timeout instead puts up to that timeout
+  between a submission and its first read: at 50 ms, most of a zero-work trial's overhead.)
 * Errors map as follows. An exception raised by the trial code is caught inside the task,
   sent as an item with its full original traceback, and re-raised (so Ray records the task
   as failed): ``failed``, ``retryable=False``; any other ``RayTaskError`` (e.g. the spec
@@ -39,6 +40,7 @@ single-node setting, so the executor sets it only for the embedded Ray it starts
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -105,7 +107,8 @@ def _warm_task() -> int:
 @dataclass
 class _RayRun:
     run_id: str
-    generator: Any  # ray.ObjectRefGenerator, owned by the pump thread
+    generator: Any  # ray.ObjectRefGenerator, read only by its reader on the pump loop
+    reader: asyncio.Task[None] | None = None
     cancel_requested_at: float | None = None
     force_cancelled: bool = False
 
@@ -121,7 +124,7 @@ class RayExecutor:
     only the executor that started Ray stops it.
     """
 
-    #: How often the pump thread looks for new submissions and cancel deadlines.
+    #: How often the pump thread checks cancel deadlines (events need no polling).
     poll_interval_s: float = 0.05
     #: After a cancel, how long a trial may take to stop before its worker is killed; after
     #: twice this long the run is reported cancelled whatever Ray says.
@@ -163,6 +166,8 @@ class RayExecutor:
         self._runs: dict[str, _RayRun] = {}
         self._stop = threading.Event()
         self._pump_thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_ready = threading.Event()
         self._task: Any = None
         self._warm_refs: list[Any] = []
         self._owns_ray = False
@@ -194,6 +199,7 @@ class RayExecutor:
         self._task = ray.remote(max_retries=0, num_returns="streaming")(_trial_task)
         self._pump_thread = threading.Thread(target=self._pump, name="ray-executor", daemon=True)
         self._pump_thread.start()
+        self._loop_ready.wait()
         if self._warm_workers:
             self._start_warmup()
 
@@ -290,9 +296,12 @@ class RayExecutor:
             num_cpus=resources.cpus, num_gpus=resources.gpus, name=f"trial:{run_id}"
         ).remote(spec.to_dict())
         # Registered only once Ray accepted the task; the pump cannot see it before this.
+        run = _RayRun(run_id, generator)
         self._buffer.open(run_id)
         with self._lock:
-            self._runs[run_id] = _RayRun(run_id, generator)
+            self._runs[run_id] = run
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._spawn_reader, run)
         return run_id
 
     def cancel(self, run_id: str) -> None:
@@ -340,56 +349,52 @@ class RayExecutor:
     # -- the pump thread --------------------------------------------------------------------
 
     def _pump(self) -> None:
-        ray = _ray()
+        """The pump thread: an asyncio loop with one reader coroutine per run."""
+        asyncio.run(self._pump_main())
 
+    async def _pump_main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop_ready.set()
         while not self._stop.is_set():
             try:
                 self._enforce_cancel_deadlines()
-                with self._lock:
-                    runs = list(self._runs.values())
-                if not runs:
-                    self._stop.wait(self.poll_interval_s)
-                    continue
-                generators = [r.generator for r in runs]
-                first, _ = ray.wait(generators, num_returns=1, timeout=self.poll_interval_s)
-                if not first:
-                    continue
-                ready, _ = ray.wait(generators, num_returns=len(generators), timeout=0)
-                ready_ids = {id(g) for g in ready} | {id(g) for g in first}
-                for run in runs:
-                    if id(run.generator) in ready_ids:
-                        self._read_available(run)
             except Exception:
-                if self._stop.is_set():
-                    break
-                logger.exception("Ray executor pump failed; retrying")
-                self._stop.wait(1.0)
+                logger.exception("Ray executor: enforcing cancel deadlines failed")
+            await asyncio.sleep(self.poll_interval_s)
+        readers = [r.reader for r in self._runs.values() if r.reader is not None]
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
 
-    def _read_available(self, run: _RayRun) -> None:
-        """Consume every item ``run`` has ready; ends the run on a terminal item."""
-        ray = _ray()
+    def _spawn_reader(self, run: _RayRun) -> None:
+        """On the pump loop: start reading ``run``'s stream (it may have ended already)."""
+        if run.run_id in self._runs:
+            run.reader = asyncio.get_running_loop().create_task(self._read(run))
 
-        while True:
-            try:
-                ref = next(run.generator)
-            except StopIteration:
-                # The stream ended without a result (cannot happen with run_trial).
-                self._finish(run, self._ended_without_result(run))
-                return
-            terminal = self._handle_item(run, ref)
-            if terminal is not None:
-                self._finish(run, terminal)
-                return
-            more, _ = ray.wait([run.generator], timeout=0)
-            if not more:
-                return
-
-    def _handle_item(self, run: _RayRun, ref: Any) -> ExecutorEvent | None:
-        """Emit a non-terminal item and return None, or return the terminal event."""
-        ray = _ray()
-
+    async def _read(self, run: _RayRun) -> None:
+        """Emit ``run``'s items as they arrive; end the run on its terminal item. Awaiting the
+        stream wakes on each new item (no polling), so a trial's events reach the scheduler
+        as soon as Ray has them."""
         try:
-            message = ray.get(ref, timeout=60)
+            async for ref in run.generator:
+                terminal = await self._handle_item(run, ref)
+                if terminal is not None:
+                    self._finish(run, terminal)
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._finish(run, self._error_event(run, exc))
+            return
+        # The stream ended without a result (cannot happen with run_trial).
+        self._finish(run, self._ended_without_result(run))
+
+    async def _handle_item(self, run: _RayRun, ref: Any) -> ExecutorEvent | None:
+        """Emit a non-terminal item and return None, or return the terminal event."""
+        try:
+            message = await asyncio.wait_for(ref, timeout=60)
+        except asyncio.CancelledError:
+            raise
         except Exception as exc:
             return self._error_event(run, exc)
         if isinstance(message, dict) and message.get("kind") == _ERROR_KIND:
@@ -453,6 +458,8 @@ class RayExecutor:
                 logger.warning("run %s ignored cancel; killing its worker", run.run_id)
                 self._ray_cancel(run, force=True)
             elif now - run.cancel_requested_at > 2 * self.cancel_grace_s:
+                if run.reader is not None:
+                    run.reader.cancel()
                 self._finish(run, _cancelled(run.run_id, reason="cancel timed out"))
 
     def _ray_cancel(self, run: _RayRun, *, force: bool) -> None:

@@ -30,6 +30,7 @@ running in this process) and imports torch only for the ``train`` runner.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import json
 import math
@@ -183,7 +184,10 @@ def describe_environment(
     return env
 
 
+@functools.cache
 def _version(distribution: str) -> str | None:
+    """An installed distribution's version, read once per process: reading package metadata
+    parses files and cost more than the rest of a zero-work trial together."""
     try:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
