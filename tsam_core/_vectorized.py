@@ -22,7 +22,7 @@ from tsam_core.tilt import tilted_weights
 
 if TYPE_CHECKING:
     from tsam_core._wrapper import LossFn
-    from tsam_core.tsam import TSAM, SampleStart
+    from tsam_core.tsam import TSAM, SampleStart, StartBlock
 
 Params = dict[str, torch.Tensor]
 
@@ -49,13 +49,6 @@ def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.view(-1, *([1] * (like.dim() - 1)))
 
 
-def _stack(starts: Sequence[SampleStart], field: str, i: int) -> torch.Tensor | None:
-    parts = [getattr(st, field) for st in starts]
-    if parts[0] is None:
-        return None
-    return torch.stack([part[i] for part in parts])
-
-
 def tilted_backward(
     opt: TSAM,
     model: nn.Module,
@@ -63,11 +56,16 @@ def tilted_backward(
     inputs: torch.Tensor,
     targets: torch.Tensor,
     params: list[torch.Tensor],
-    starts: Sequence[SampleStart],
+    block: StartBlock,
 ) -> torch.Tensor:
-    """Set ``p.grad = sum_j w_j g_j`` for ``params``; return the ``s`` losses (detached)."""
+    """Set ``p.grad = sum_j w_j g_j`` for ``params``; return the ``s`` losses (detached).
+
+    ``block`` holds the samples' draws; its flat ``(s, numel)`` rows split into one
+    ``(s, *shape)`` view per parameter, so no per-parameter stacking copy is needed.
+    """
     names = _param_names(model, params)
-    s = len(starts)
+    starts = block.stacked()
+    s = opt.samples
 
     def loss_at(flat: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return loss_fn(functional_call(model, flat, (x,)), y)
@@ -83,15 +81,13 @@ def tilted_backward(
     with torch.no_grad():
         if opt.sampler == "hmc":
             points = _hmc_points(
-                opt, theta, starts, lambda pts: grads_at(as_dict(pts), inputs, targets), names
+                opt, theta, starts, s, lambda pts: grads_at(as_dict(pts), inputs, targets), names
             )
         else:
-            points = []
-            for i, th in enumerate(theta):
-                noise = _stack(starts, "noise", i)
-                points.append(
-                    th.unsqueeze(0) + noise if noise is not None else th.expand(s, *th.shape)
-                )
+            if starts.noise is not None:
+                points = [th.unsqueeze(0) + n for th, n in zip(theta, starts.noise, strict=True)]
+            else:
+                points = [th.expand(s, *th.shape) for th in theta]
             if opt.sampler == "ascent":
                 g0 = grads_at(as_dict(points), inputs, targets)
                 g0_list = [g0[n] for n in names]
@@ -115,20 +111,22 @@ def tilted_backward(
 def _hmc_points(
     opt: TSAM,
     theta: list[torch.Tensor],
-    starts: Sequence[SampleStart],
+    starts: SampleStart,
+    s: int,
     grads_at: Callable[[list[torch.Tensor]], Params],
     names: list[str],
 ) -> list[torch.Tensor]:
-    """Euler steps of Hamiltonian dynamics for all samples at once, kept in the rho-ball."""
-    s = len(starts)
-    eps = []
-    momentum = []
-    for i, th in enumerate(theta):
-        noise = _stack(starts, "noise", i)
-        eps.append(noise.clone() if noise is not None else th.new_zeros((s, *th.shape)))
-        mom = _stack(starts, "momentum", i)
-        assert mom is not None
-        momentum.append(mom)
+    """Euler steps of Hamiltonian dynamics for all samples at once, kept in the rho-ball.
+
+    Works on copies of the drawn noise and momentum: if ``vmap`` fails part-way, the loop
+    fallback evaluates the same, untouched draws.
+    """
+    if starts.noise is not None:
+        eps = [n.clone() for n in starts.noise]
+    else:
+        eps = [th.new_zeros((s, *th.shape)) for th in theta]
+    assert starts.momentum is not None
+    momentum = [m.clone() for m in starts.momentum]
 
     def project() -> None:
         factor = torch.clamp(opt.rho / (_per_sample_norm(eps) + EPS), max=1.0)

@@ -41,17 +41,38 @@ class WrappedOptimizer(torch.optim.Optimizer):
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
+        self._snapshot_buffers: list[torch.Tensor] = []
 
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
-    def _set_grads_none(self) -> None:
-        for p in self._params():
+    def _set_grads_none(self, params: list[torch.Tensor] | None = None) -> None:
+        """Drop the gradients (of ``params``, default all), so the next backward allocates
+        fresh ones instead of accumulating."""
+        for p in self._params() if params is None else params:
             p.grad = None
 
     def _grads(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         """Gradients of ``params``; an unused parameter counts as a zero gradient."""
         return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+
+    def _snapshot(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """A copy of ``params`` (the point ``theta`` to return to after a perturbation).
+
+        The copy goes into buffers kept from the previous step, so a step allocates no
+        parameter-sized memory for it; they are allocated again only when the parameters'
+        shapes, dtypes or devices change (a new param group, a model moved to another device).
+        The buffers are scratch space: valid until the next call.
+        """
+        buffers = self._snapshot_buffers
+        if len(buffers) != len(params) or any(
+            b.shape != p.shape or b.dtype != p.dtype or b.device != p.device
+            for b, p in zip(buffers, params, strict=True)
+        ):
+            buffers = self._snapshot_buffers = [torch.empty_like(p) for p in params]
+        with torch.no_grad():
+            torch._foreach_copy_(buffers, params)
+        return buffers
 
     def wrapper_state(self) -> dict[str, Any]:
         """State of the wrapper itself (not the base optimizer); subclasses extend it."""
@@ -105,6 +126,17 @@ def frozen_batchnorm_stats(model: nn.Module) -> Iterator[None]:
 
 @torch.no_grad()
 def update_batchnorm_stats(model: nn.Module, inputs: torch.Tensor) -> None:
-    """One forward pass at the current weights, only to update BatchNorm running statistics."""
-    if model.training and tracking_batchnorms(model):
-        model(inputs)
+    """One forward pass at the current weights, only to update BatchNorm running statistics.
+
+    For a plain ``nn.Sequential`` the pass stops after the last child that holds a tracking
+    BatchNorm: the children after it cannot change any running statistic, and on the digits
+    CNN they (pooling, classifier) are half the cost of the forward, which TSAM pays on top of
+    its ``2s`` passes. Other models (subclasses included, whose ``forward`` may differ) run
+    whole.
+    """
+    if not (model.training and tracking_batchnorms(model)):
+        return
+    if type(model) is nn.Sequential:
+        last = max(i for i, child in enumerate(model) if tracking_batchnorms(child))
+        model = model[: last + 1]
+    model(inputs)

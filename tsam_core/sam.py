@@ -48,31 +48,52 @@ class SAM(WrappedOptimizer):
         if not isinstance(adaptive, bool):
             raise ValueError(f"adaptive must be a bool, got {adaptive!r}")
         super().__init__(params, base_optimizer, {"rho": rho, "adaptive": adaptive}, kwargs)
+        self._perturbed: list[torch.Tensor] = []  # the parameters first_step moved
+        self._theta: list[torch.Tensor] = []  # ... and where they were
 
-    def _ascent_vector(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(parameter, e_w) pairs for the current gradients."""
-        pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    def _ascent_vector(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The parameters that have a gradient, and their ascent steps ``e_w``.
+
+        ``e_w = rho * g / ||g||`` (ASAM: ``rho * p^2 * g / ||p * g||``) with the norm taken over
+        all groups together. Computed with ``torch._foreach_*`` ops, one call per group rather
+        than one kernel per parameter: the same arithmetic as TSAM's ascent, so TSAM with one
+        noiseless sample reproduces SAM bit for bit.
+        """
         grads: list[torch.Tensor] = []
         for group in self.param_groups:
-            for p in group["params"]:
-                g = p.grad if p.grad is not None else torch.zeros_like(p)
-                grads.append(torch.abs(p) * g if group["adaptive"] else g)
+            g = self._grads(group["params"])
+            if group["adaptive"]:
+                g = list(torch._foreach_mul(torch._foreach_abs(group["params"]), g))
+            grads += g
         norm = global_norm(grads)
+        params: list[torch.Tensor] = []
+        steps: list[torch.Tensor] = []
         for group in self.param_groups:
+            with_grad = [p for p in group["params"] if p.grad is not None]
+            if not with_grad:
+                continue
+            g = self._grads(with_grad)
             scale = group["rho"] / (norm + EPS)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                e_w = (torch.pow(p, 2) if group["adaptive"] else 1.0) * p.grad * scale
-                pairs.append((p, e_w))
-        return pairs
+            if group["adaptive"]:
+                e_w = torch._foreach_mul(torch._foreach_pow(with_grad, 2), g)
+                torch._foreach_mul_(e_w, scale)
+            else:
+                e_w = torch._foreach_mul(g, scale)
+            params += with_grad
+            steps += e_w
+        return params, steps
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
-        """Move to the worst point ``theta + e_w`` of the rho-ball (to first order)."""
-        for p, e_w in self._ascent_vector():
-            self.state[p]["old_p"] = p.detach().clone()
-            p.add_(e_w)
+        """Move to the worst point ``theta + e_w`` of the rho-ball (to first order).
+
+        ``theta`` is kept in buffers reused from step to step (see ``_snapshot``), not in
+        ``self.state``, so it never reaches the state dict.
+        """
+        params, e_w = self._ascent_vector()
+        self._theta = self._snapshot(params)
+        self._perturbed = params
+        torch._foreach_add_(params, e_w)
         if zero_grad:
             self._set_grads_none()
 
@@ -80,11 +101,9 @@ class SAM(WrappedOptimizer):
     def second_step(self, zero_grad: bool = False) -> None:
         """Return to ``theta`` and step the base optimizer with the gradient taken at the
         perturbed point."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                old = self.state[p].pop("old_p", None)
-                if old is not None:
-                    p.copy_(old)
+        if self._perturbed:
+            torch._foreach_copy_(self._perturbed, self._theta)
+            self._perturbed = []
         self.base_optimizer.step()
         if zero_grad:
             self._set_grads_none()

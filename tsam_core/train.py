@@ -154,7 +154,7 @@ def iter_train(config: TrainConfig) -> Generator[tuple[int, Metrics], bool | Non
     # Separate streams, so a change in one (e.g. the number of TSAM samples) does not reshuffle
     # the data order of an otherwise identical run.
     shuffle_gen = torch.Generator().manual_seed(config.seed)
-    noise_gen = torch.Generator().manual_seed(config.seed + 1)
+    noise_gen = torch.Generator(device=device).manual_seed(config.seed + 1)
     aug_gen = torch.Generator(device=device).manual_seed(config.seed + 2)
     steps_per_epoch = math.ceil(len(train_y) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs

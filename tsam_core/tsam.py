@@ -13,9 +13,16 @@ loss over perturbations, ``t -> inf`` is SAM's worst case. One step on a minibat
 
 Two paths compute the same update. ``step(closure)`` works for any model and streams the
 weighted sum (online softmax), holding one gradient accumulator instead of ``s`` copies.
-``step_on_batch`` has the model, so it evaluates the ``s`` perturbations in one vectorized call
-(``torch.func.functional_call`` + ``vmap``) and updates BatchNorm statistics once per step.
-Given the same ``generator`` both draw the noise in the same order and agree to float tolerance.
+``step_on_batch`` has the model, so on an accelerator it evaluates the ``s`` perturbations in
+one vectorized call (``torch.func.functional_call`` + ``vmap``); on CPU it runs the same loop as
+``step`` (see :meth:`TSAM.vectorizes` for why), and either way it updates BatchNorm statistics
+once per step. Given the same ``generator`` both paths draw the noise in the same order and agree
+to float tolerance.
+
+Each sample costs what SAM's step costs (two forward-backward passes with the ``ascent``
+sampler) plus its noise draw; everything else is kept off the per-sample path: the draws go into
+flat buffers reused across samples and steps, ``theta`` is copied into reused buffers, and the
+per-parameter updates are ``torch._foreach_*`` calls rather than Python loops.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,8 +44,16 @@ from tsam_core._wrapper import (
     frozen_batchnorm_stats,
     update_batchnorm_stats,
 )
-from tsam_core.perturb import EPS, NOISE_LAWS, draw_noise, global_norm, project_to_ball
-from tsam_core.perturb import randn_like_params as _randn
+from tsam_core.perturb import (
+    EPS,
+    NOISE_LAWS,
+    FlatLayout,
+    draw_device,
+    fill_noise,
+    fill_randn,
+    global_norm,
+    project_to_ball,
+)
 from tsam_core.tilt import tilted_loss, tilted_weights, weight_entropy
 
 SAMPLERS = ("ascent", "hmc", "none")
@@ -47,10 +62,47 @@ T_SCHEDULES = ("constant", "ramp_up", "ramp_down")
 
 @dataclass
 class SampleStart:
-    """The random part of one sample: initial noise and (for ``hmc``) momentum."""
+    """The random part of one sample: initial noise and (for ``hmc``) momentum, one tensor per
+    parameter (or, from :meth:`StartBlock.stacked`, of all samples along a leading dim)."""
 
     noise: list[torch.Tensor] | None
     momentum: list[torch.Tensor] | None
+
+
+@dataclass
+class StartBlock:
+    """The random parts of ``rows`` samples, drawn flat: row ``j`` of each block is sample ``j``.
+
+    ``noise`` and ``momentum`` are ``(rows, numel)`` tensors on the generator's device (``None``
+    when the configuration draws none). The loop path keeps a one-row block for the whole run and
+    refills it for every sample; when the draw lands in the parameters' own device and dtype the
+    per-parameter views of that row are made once and reused too.
+    """
+
+    layout: FlatLayout
+    noise: torch.Tensor | None
+    momentum: torch.Tensor | None
+    _views: dict[int, SampleStart] = field(default_factory=dict)
+
+    def sample(self, j: int) -> SampleStart:
+        """Sample ``j`` split per parameter (views of the block where the layout allows)."""
+        cached = self._views.get(j)
+        if cached is not None:
+            return cached
+        start = SampleStart(
+            None if self.noise is None else self.layout.split(self.noise[j]),
+            None if self.momentum is None else self.layout.split(self.momentum[j]),
+        )
+        if self.layout.in_place:
+            self._views[j] = start
+        return start
+
+    def stacked(self) -> SampleStart:
+        """All samples at once: per parameter a ``(rows, *shape)`` tensor on its device."""
+        return SampleStart(
+            None if self.noise is None else self.layout.split(self.noise),
+            None if self.momentum is None else self.layout.split(self.momentum),
+        )
 
 
 def _check_number(name: str, value: object, *, low: float, allow_inf: bool = False) -> float:
@@ -92,7 +144,10 @@ class TSAM(WrappedOptimizer):
         t_schedule: ``constant`` | ``ramp_up`` (0 -> t) | ``ramp_down`` (t -> 0) over
             ``total_steps`` optimizer steps.
         generator: a ``torch.Generator`` that makes the perturbations reproducible.
-        vectorize: let :meth:`step_on_batch` batch the ``s`` samples with ``vmap``.
+        vectorize: let :meth:`step_on_batch` batch the ``s`` samples with ``vmap`` on devices
+            where that pays (not CPU; see :meth:`vectorizes`).
+        vectorize_cpu: batch them on CPU too (slower there as measured; kept for tests and for
+            hardware where it pays).
         **kwargs: forwarded to ``base_optimizer``.
     """
 
@@ -116,6 +171,7 @@ class TSAM(WrappedOptimizer):
         total_steps: int | None = None,
         generator: torch.Generator | None = None,
         vectorize: bool = True,
+        vectorize_cpu: bool = False,
         **kwargs: Any,
     ) -> None:
         self.t = _check_number("t", t, low=0.0, allow_inf=True)
@@ -144,8 +200,12 @@ class TSAM(WrappedOptimizer):
             raise ValueError(f"generator must be a torch.Generator, got {generator!r}")
         if not isinstance(vectorize, bool):
             raise ValueError(f"vectorize must be a bool, got {vectorize!r}")
+        if not isinstance(vectorize_cpu, bool):
+            raise ValueError(f"vectorize_cpu must be a bool, got {vectorize_cpu!r}")
         self.generator = generator
         self.vectorize = vectorize
+        self.vectorize_cpu = vectorize_cpu
+        self._loop_block: StartBlock | None = None
         self.steps_taken = 0
         self.last_tilted_loss: torch.Tensor | None = None
         self.last_losses: torch.Tensor | None = None
@@ -175,20 +235,64 @@ class TSAM(WrappedOptimizer):
         self.steps_taken = int(state.get("steps_taken", 0))
 
     # ----------------------------------------------------------------- random draws
-    def draw_start(self, params: list[torch.Tensor]) -> SampleStart:
-        """Draw one sample's noise, then its momentum: the order both paths share."""
-        noise = draw_noise(
-            params,
-            self.noise,
-            scale=self.noise_scale,
-            radius=self.noise_radius,
-            generator=self.generator,
+    def _fill_sample(self, noise: torch.Tensor | None, momentum: torch.Tensor | None) -> None:
+        """Draw one sample into flat rows: its noise, then its momentum -- the order both paths
+        share, so the same ``generator`` gives both the same numbers."""
+        if noise is not None:
+            fill_noise(
+                noise,
+                self.noise,
+                scale=self.noise_scale,
+                radius=self.noise_radius,
+                generator=self.generator,
+            )
+        if momentum is not None:
+            fill_randn(momentum, self.generator).mul_(self.momentum_std)
+
+    def _new_block(self, layout: FlatLayout, rows: int) -> StartBlock:
+        return StartBlock(
+            layout,
+            None if self.noise == "none" else layout.empty(rows),
+            layout.empty(rows) if self.sampler == "hmc" else None,
         )
-        momentum = None
-        if self.sampler == "hmc":
-            momentum = _randn(params, self.generator)
-            torch._foreach_mul_(momentum, self.momentum_std)
-        return SampleStart(noise, momentum)
+
+    def _draw_row(self, block: StartBlock, j: int) -> SampleStart:
+        """Draw sample ``j`` of ``block`` (overwriting what the row held) and return it."""
+        self._fill_sample(
+            None if block.noise is None else block.noise[j],
+            None if block.momentum is None else block.momentum[j],
+        )
+        return block.sample(j)
+
+    def draw_starts(self, params: list[torch.Tensor], rows: int) -> StartBlock:
+        """Draw ``rows`` samples, one after another, into a new block."""
+        block = self._new_block(FlatLayout(params, draw_device(params, self.generator)), rows)
+        for j in range(rows):
+            self._draw_row(block, j)
+        return block
+
+    def _reusable_block(self, params: list[torch.Tensor]) -> StartBlock:
+        """The loop's one-row block, kept across samples and steps.
+
+        Its tensors are scratch: each draw overwrites them, which the loop allows because it is
+        done with a sample before it draws the next. It is allocated again only when the
+        parameters' shapes, dtypes or devices (or the generator's device) change.
+        """
+        block = self._loop_block
+        device = draw_device(params, self.generator)
+        if block is None or not block.layout.matches(params, device):
+            block = self._loop_block = self._new_block(FlatLayout(params, device), 1)
+        return block
+
+    def _loop_draws(self, params: list[torch.Tensor]) -> Callable[[int], SampleStart]:
+        """Sample ``j``'s draw for the loop, made when the loop asks for it, into the reused
+        one-row block (so the layout check runs once per step, not once per sample)."""
+        block = self._reusable_block(params)
+        return lambda _j: self._draw_row(block, 0)
+
+    def draw_start(self, params: list[torch.Tensor]) -> SampleStart:
+        """Draw one sample into the loop's reused block (valid until the next draw)."""
+        return self._draw_row(self._reusable_block(params), 0)
 
     def _finish(self, losses: torch.Tensor) -> torch.Tensor:
         """Record the step's diagnostics and take the base optimizer's step."""
@@ -216,53 +320,39 @@ class TSAM(WrappedOptimizer):
         if closure is None:
             raise ValueError("TSAM.step needs a closure that runs forward and backward")
         params = self._params()
-        return self._loop_step(params, torch.enable_grad()(closure), self.draw_start)
+        return self._loop_step(params, torch.enable_grad()(closure), self._loop_draws(params))
 
     def _loop_step(
         self,
         params: list[torch.Tensor],
         closure: Closure,
-        next_start: Callable[[list[torch.Tensor]], SampleStart],
+        next_start: Callable[[int], SampleStart],
     ) -> torch.Tensor:
         """Evaluate the samples one after another, streaming ``sum_j w_j g_j``.
 
-        Online softmax: keep the running max ``m`` of ``a_j = (t - delta) L_j``, the
-        normaliser ``Z = sum exp(a_j - m)`` and ``G = sum exp(a_j - m) g_j``, rescaling both
-        when ``m`` grows. Everything stays on the device (no ``.item()``), so there is no host
-        sync per sample.
+        The accumulator holds the weighted *mean* of the gradients seen so far; each new
+        gradient is folded in with one ``lerp`` by its share of the running normaliser (see
+        :func:`streamed_weight`), so there is no final division and no per-sample copy. The
+        first sample's gradient tensors become the accumulator. Everything stays on the device
+        (no ``.item()``), so there is no host sync per sample.
         """
         exponent = self.weight_exponent
-        theta = [p.detach().clone() for p in params]
-        acc: list[torch.Tensor] | None = None
-        best = norm_z = None
-        losses = []
-        for _ in range(self.samples):
-            eps = self._move_sample(params, theta, closure, next_start(params))
-            self._set_grads_none()
+        theta = self._snapshot(params)
+        losses: list[torch.Tensor] = []
+        for j in range(self.samples):
+            self._move_sample(params, theta, closure, next_start(j))
+            self._set_grads_none(params)
             loss = _as_loss(closure())
             grads = self._grads(params)
-            losses.append(loss)
-            if acc is None:
-                acc, best, norm_z = grads, loss * exponent, torch.ones_like(loss)
-            elif math.isinf(exponent):
-                better = (loss > losses_max(losses[:-1])).to(loss.dtype)
-                torch._foreach_mul_(acc, 1 - better)
-                torch._foreach_add_(acc, torch._foreach_mul(grads, better))
+            if j == 0:  # the first gradients become the accumulator, with weight 1
+                acc = grads
+                best = loss if math.isinf(exponent) else loss * exponent
+                norm_z = torch.ones_like(loss)
             else:
-                a = loss * exponent
-                new_best = torch.maximum(best, a)  # type: ignore[arg-type]
-                keep, add = torch.exp(best - new_best), torch.exp(a - new_best)  # type: ignore[operator]
-                torch._foreach_mul_(acc, keep)
-                torch._foreach_mul_(grads, add)
-                torch._foreach_add_(acc, grads)
-                norm_z = norm_z * keep + add  # type: ignore[operator]
-                best = new_best
-            del eps
-            for p, old in zip(params, theta, strict=True):
-                p.copy_(old)
-        assert acc is not None and norm_z is not None
-        if not math.isinf(exponent):
-            torch._foreach_div_(acc, norm_z)
+                weight, best, norm_z = streamed_weight(loss, best, norm_z, exponent)
+                torch._foreach_lerp_(acc, grads, [weight] * len(acc))
+            losses.append(loss)
+            torch._foreach_copy_(params, theta)
         for p, g in zip(params, acc, strict=True):
             p.grad = g
         return self._finish(torch.stack(losses))
@@ -273,21 +363,23 @@ class TSAM(WrappedOptimizer):
         theta: list[torch.Tensor],
         closure: Closure,
         start: SampleStart,
-    ) -> list[torch.Tensor] | None:
-        """Put ``params`` at ``theta + eps_j`` (the sampler's output); returns ``eps_j``."""
+    ) -> None:
+        """Put ``params`` (at ``theta``) at ``theta + eps_j``, the sampler's output."""
         if self.sampler == "ascent":
             if start.noise is not None:
                 torch._foreach_add_(params, start.noise)
-            self._set_grads_none()
+            self._set_grads_none(params)
             closure()
+            # SAM's ascent step, in place on this pass's gradients (they are dropped next).
             g0 = self._grads(params)
             scale = self.rho / (global_norm(g0) + EPS)
-            torch._foreach_add_(params, torch._foreach_mul(g0, scale))
-            return None
+            torch._foreach_mul_(g0, scale)
+            torch._foreach_add_(params, g0)
+            return
         if self.sampler == "none":
             if start.noise is not None:
                 torch._foreach_add_(params, start.noise)
-            return start.noise
+            return
         # hmc: Euler steps on H = -delta L(theta + eps) + |p|^2 / 2, kept in the rho-ball.
         eps = start.noise if start.noise is not None else [torch.zeros_like(p) for p in params]
         momentum = start.momentum
@@ -295,7 +387,7 @@ class TSAM(WrappedOptimizer):
         project_to_ball(eps, self.rho)
         for _ in range(self.hmc_steps):
             _place(params, theta, eps)
-            self._set_grads_none()
+            self._set_grads_none(params)
             closure()
             torch._foreach_add_(
                 momentum, self._grads(params), alpha=self.hmc_step_size * self.delta
@@ -303,25 +395,42 @@ class TSAM(WrappedOptimizer):
             torch._foreach_add_(eps, momentum, alpha=self.hmc_step_size)
             project_to_ball(eps, self.rho)
         _place(params, theta, eps)
-        return eps
 
     # ----------------------------------------------------------------- batched path
+    def vectorizes(self, params: list[torch.Tensor]) -> bool:
+        """Whether :meth:`step_on_batch` batches the samples with ``vmap`` for ``params``.
+
+        Only off the CPU (unless ``vectorize_cpu``). Measured on the digits MLP and CNN (1
+        thread, ``bench/tsam_step.py --vmap``) the vectorized step is 5-40% *slower* than the
+        loop on CPU for ``s`` from 3 to 8, and twice as slow at ``s = 1``: the ascent needs
+        per-sample gradients, and ``vmap(grad)`` turns every matmul into a batched matmul and
+        every convolution into a grouped one, which CPU kernels run slower than ``s`` plain
+        passes, while the loop's per-pass overhead is small next to a CPU pass. On a GPU the
+        ``s`` small passes are launch-bound, which batching removes.
+        """
+        if not self.vectorize or self._vmap_failed:
+            return False
+        return self.vectorize_cpu or all(p.device.type != "cpu" for p in params)
+
     def step_on_batch(
         self, model: nn.Module, loss_fn: LossFn, inputs: torch.Tensor, targets: torch.Tensor
     ) -> torch.Tensor:
         """One TSAM step on a batch; returns the step's empirical tilted loss.
 
-        The ``s`` perturbations are evaluated in one ``vmap`` call when ``torch.func``
-        supports the model, else one after another; both give :meth:`step`'s update.
-        BatchNorm running statistics are updated once, at the unperturbed weights.
+        The ``s`` perturbations are evaluated in one ``vmap`` call where :meth:`vectorizes`
+        says so and ``torch.func`` supports the model, else one after another; both give
+        :meth:`step`'s update. BatchNorm running statistics are updated once, at the
+        unperturbed weights.
         """
         params = self._params()
-        starts = [self.draw_start(params) for _ in range(self.samples)]
         update_batchnorm_stats(model, inputs)
         with frozen_batchnorm_stats(model):
-            if self.vectorize and not self._vmap_failed:
+            if not self.vectorizes(params):
+                next_start = self._loop_draws(params)
+            else:
+                block = self.draw_starts(params, self.samples)
                 try:
-                    return self._vectorized_step(model, loss_fn, inputs, targets, params, starts)
+                    return self._vectorized_step(model, loss_fn, inputs, targets, params, block)
                 except (RuntimeError, NotImplementedError, ValueError) as err:
                     self._vmap_failed = True
                     warnings.warn(
@@ -330,7 +439,8 @@ class TSAM(WrappedOptimizer):
                         RuntimeWarning,
                         stacklevel=2,
                     )
-            pending = iter(starts)
+                # The samples are drawn already: the loop evaluates those same ones.
+                next_start = block.sample
 
             def closure() -> torch.Tensor:
                 loss = loss_fn(model(inputs), targets)
@@ -338,9 +448,7 @@ class TSAM(WrappedOptimizer):
                 return loss
 
             with torch.no_grad():
-                return self._loop_step(
-                    params, torch.enable_grad()(closure), lambda _p: next(pending)
-                )
+                return self._loop_step(params, torch.enable_grad()(closure), next_start)
 
     def _vectorized_step(
         self,
@@ -349,16 +457,32 @@ class TSAM(WrappedOptimizer):
         inputs: torch.Tensor,
         targets: torch.Tensor,
         params: list[torch.Tensor],
-        starts: list[SampleStart],
+        block: StartBlock,
     ) -> torch.Tensor:
-        losses = _vectorized.tilted_backward(self, model, loss_fn, inputs, targets, params, starts)
+        losses = _vectorized.tilted_backward(self, model, loss_fn, inputs, targets, params, block)
         with torch.no_grad():
             return self._finish(losses)
 
 
-def losses_max(losses: list[torch.Tensor]) -> torch.Tensor:
-    """Max of 0-dim loss tensors without a host sync."""
-    return torch.stack(losses).max()
+def streamed_weight(
+    loss: torch.Tensor, best: torch.Tensor, norm_z: torch.Tensor, exponent: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Online softmax: the weight of a new sample in the running weighted mean.
+
+    With ``a_j = exponent * L_j``, ``best`` the running max of ``a`` and ``norm_z`` the running
+    ``sum exp(a_j - best)``, the mean ``sum_j w_j g_j`` (``w = softmax(a)``) absorbs a new
+    gradient as ``lerp(mean, g, exp(a - best') / norm_z')``. For an infinite exponent ``best`` is
+    the running max loss and the weight is 1 exactly when the new loss beats it (ties keep the
+    first, as ``argmax`` does), so the mean is the worst sample's gradient. Returns
+    ``(weight, best', norm_z')``.
+    """
+    if math.isinf(exponent):
+        return (loss > best).to(loss.dtype), torch.maximum(best, loss), norm_z
+    a = loss * exponent
+    new_best = torch.maximum(best, a)
+    added = torch.exp(a - new_best)
+    norm_z = norm_z * torch.exp(best - new_best) + added
+    return added / norm_z, new_best, norm_z
 
 
 def _as_loss(value: Any) -> torch.Tensor:
@@ -368,5 +492,5 @@ def _as_loss(value: Any) -> torch.Tensor:
 
 
 def _place(params: list[torch.Tensor], theta: list[torch.Tensor], eps: list[torch.Tensor]) -> None:
-    for p, old, e in zip(params, theta, eps, strict=True):
-        p.copy_(old).add_(e)
+    torch._foreach_copy_(params, theta)
+    torch._foreach_add_(params, eps)

@@ -8,8 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from tsam_core import SAM, TSAM
+from tsam_core import SAM, TSAM, _vectorized
+from tsam_core._wrapper import update_batchnorm_stats
 from tsam_core.perturb import draw_noise
+from tsam_core.tilt import tilted_weights
+from tsam_core.tsam import streamed_weight
 
 torch.set_num_threads(1)
 
@@ -51,12 +54,14 @@ def _assert_same(a, b, atol=1e-6):
 
 
 def _pair(factory=_mlp, **kw):
-    """Two identical models with TSAM optimizers seeded identically."""
+    """Two identical models with TSAM optimizers seeded identically. ``step_on_batch`` of
+    either takes the vectorized path, on CPU too, unless ``vectorize_cpu=False`` is passed."""
     models, opts = [], []
     for _ in range(2):
         m = factory()
         kw2 = dict(kw)
         kw2.setdefault("lr", 0.1)
+        kw2.setdefault("vectorize_cpu", True)
         opts.append(
             TSAM(m.parameters(), torch.optim.SGD, generator=torch.Generator().manual_seed(7), **kw2)
         )
@@ -64,7 +69,7 @@ def _pair(factory=_mlp, **kw):
     return models, opts
 
 
-@pytest.mark.parametrize("path", ["closure", "batch"])
+@pytest.mark.parametrize("path", ["closure", "batch", "batch-vmap"])
 def test_one_sample_without_noise_equals_sam_exactly(path):
     x, y = _batch()
     m_t, m_s = _mlp(), _mlp()
@@ -77,8 +82,10 @@ def test_one_sample_without_noise_equals_sam_exactly(path):
         noise="none",
         lr=0.1,
         momentum=0.9,
+        vectorize_cpu=path == "batch-vmap",
     )
     sam = SAM(m_s.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
+    assert tsam.vectorizes(tsam._params()) == (path == "batch-vmap")
     for _ in range(5):
         if path == "closure":
             tsam.step(_closure(m_t, x, y))
@@ -87,7 +94,7 @@ def test_one_sample_without_noise_equals_sam_exactly(path):
             tsam.step_on_batch(m_t, LOSS, x, y)
             sam.step_on_batch(m_s, LOSS, x, y)
     _assert_same(_params(m_t), _params(m_s), atol=1e-6)
-    if path == "closure":
+    if path != "batch-vmap":  # the same kernels in the same order: bit for bit
         assert all(torch.equal(a, b) for a, b in zip(_params(m_t), _params(m_s), strict=True))
 
 
@@ -192,15 +199,59 @@ CONFIGS = [
 @pytest.mark.parametrize(
     "config", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items())
 )
-def test_step_on_batch_equals_step_with_closure(config):
+def test_step_on_batch_equals_step_with_closure(config, monkeypatch):
     x, y = _batch()
     (m_loop, m_vec), (o_loop, o_vec) = _pair(momentum=0.9, **config)
+    calls = _count_vectorized_calls(monkeypatch)
     for _ in range(3):
         l_loop = o_loop.step(_closure(m_loop, x, y))
         l_vec = o_vec.step_on_batch(m_vec, LOSS, x, y)
         assert l_loop.item() == pytest.approx(l_vec.item(), rel=1e-5, abs=1e-6)
     assert not o_vec._vmap_failed
+    assert calls == [1, 1, 1]
     _assert_same(_params(m_loop), _params(m_vec), atol=1e-5)
+
+
+def _count_vectorized_calls(monkeypatch):
+    """Record each call of the vectorized step (so a test knows which path ran)."""
+    calls = []
+    real = _vectorized.tilted_backward
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_vectorized, "tilted_backward", spy)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "config", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items())
+)
+def test_step_on_batch_on_cpu_runs_the_loop_and_matches_step_bit_for_bit(config, monkeypatch):
+    """The per-device path choice: on CPU step_on_batch evaluates the samples one after another
+    (the faster path there), drawing the same noise as step(closure)."""
+    x, y = _batch()
+    (m_loop, m_batch), (o_loop, o_batch) = _pair(momentum=0.9, vectorize_cpu=False, **config)
+    calls = _count_vectorized_calls(monkeypatch)
+    assert not o_batch.vectorizes(o_batch._params())
+    for _ in range(3):
+        l_loop = o_loop.step(_closure(m_loop, x, y))
+        l_batch = o_batch.step_on_batch(m_batch, LOSS, x, y)
+        assert torch.equal(l_loop, l_batch)
+    assert calls == []
+    assert all(torch.equal(a, b) for a, b in zip(_params(m_loop), _params(m_batch), strict=True))
+
+
+def test_path_choice_is_per_device():
+    cpu = [torch.zeros(3)]
+    meta = [torch.empty(3, device="meta")]  # any non-CPU device counts as an accelerator
+    assert not TSAM(cpu, torch.optim.SGD, lr=0.1).vectorizes(cpu)
+    assert TSAM(cpu, torch.optim.SGD, lr=0.1, vectorize_cpu=True).vectorizes(cpu)
+    assert TSAM(meta, torch.optim.SGD, lr=0.1).vectorizes(meta)
+    assert not TSAM(meta, torch.optim.SGD, lr=0.1, vectorize=False).vectorizes(meta)
+    mixed = [*cpu, *meta]
+    assert not TSAM(mixed, torch.optim.SGD, lr=0.1).vectorizes(mixed)
 
 
 class _NotVmappable(nn.Module):
@@ -218,14 +269,23 @@ class _NotVmappable(nn.Module):
 def test_unsupported_model_falls_back_to_the_loop_with_the_same_update():
     x, y = _batch()
     (m_loop, m_vec), (o_loop, o_vec) = _pair(_NotVmappable, t=2.0, noise="sphere", noise_scale=0.1)
+    assert o_vec.vectorizes(o_vec._params())
     with pytest.warns(RuntimeWarning, match="falling back"):
         o_vec.step_on_batch(m_vec, LOSS, x, y)
     o_loop.step(_closure(m_loop, x, y))
     assert o_vec._vmap_failed
+    assert not o_vec.vectorizes(o_vec._params())
+    _assert_same(_params(m_loop), _params(m_vec), atol=1e-6)
+    # Later steps go straight to the loop, still drawing what step(closure) draws.
+    o_vec.step_on_batch(m_vec, LOSS, x, y)
+    o_loop.step(_closure(m_loop, x, y))
     _assert_same(_params(m_loop), _params(m_vec), atol=1e-6)
 
 
-def test_batchnorm_statistics_are_updated_once_per_step_at_the_unperturbed_weights():
+@pytest.mark.parametrize("vectorize_cpu", [True, False])
+def test_batchnorm_statistics_are_updated_once_per_step_at_the_unperturbed_weights(
+    vectorize_cpu,
+):
     x, y = _batch()
     model = _bn_net()
     reference = copy.deepcopy(model)
@@ -235,6 +295,7 @@ def test_batchnorm_statistics_are_updated_once_per_step_at_the_unperturbed_weigh
         samples=3,
         lr=0.1,
         generator=torch.Generator().manual_seed(0),
+        vectorize_cpu=vectorize_cpu,
     )
     opt.step_on_batch(model, LOSS, x, y)
     with torch.no_grad():
@@ -246,9 +307,10 @@ def test_batchnorm_statistics_are_updated_once_per_step_at_the_unperturbed_weigh
     assert bn.track_running_stats
 
 
-def test_batchnorm_model_gets_the_same_update_on_both_paths():
+@pytest.mark.parametrize("vectorize_cpu", [True, False])
+def test_batchnorm_model_gets_the_same_update_on_both_paths(vectorize_cpu):
     x, y = _batch()
-    (m_loop, m_vec), (o_loop, o_vec) = _pair(_bn_net, t=3.0, samples=3)
+    (m_loop, m_vec), (o_loop, o_vec) = _pair(_bn_net, t=3.0, samples=3, vectorize_cpu=vectorize_cpu)
     o_loop.step(_closure(m_loop, x, y))
     o_vec.step_on_batch(m_vec, LOSS, x, y)
     assert not o_vec._vmap_failed
@@ -428,3 +490,111 @@ def test_loop_path_works_with_adamw_and_unused_parameters():
         warnings.simplefilter("error")
         loss = opt.step(_closure(model, x, y))
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("exponent", [0.0, 0.7, 25.0, -3.0, math.inf])
+def test_streamed_weights_fold_gradients_into_the_tilted_mean(exponent):
+    """Folding samples one at a time with lerp(mean, g, weight) gives sum_j softmax(a)_j g_j."""
+    gen = torch.Generator().manual_seed(0)
+    losses = torch.rand(7, generator=gen) * 3
+    losses[4] = losses[1] = losses.max() + 1  # a tie for the worst: the first one wins
+    grads = torch.randn(7, 5, generator=gen)
+    mean = grads[0].clone()
+    best = losses[0] if math.isinf(exponent) else losses[0] * exponent
+    norm_z = torch.ones(())
+    for j in range(1, 7):
+        weight, best, norm_z = streamed_weight(losses[j], best, norm_z, exponent)
+        mean.lerp_(grads[j], weight)
+    expected = tilted_weights(losses, exponent) @ grads
+    assert torch.allclose(mean, expected, atol=1e-6)
+    if math.isinf(exponent):
+        assert torch.equal(mean, grads[1])
+
+
+def _buffers(opt):
+    block = opt._loop_block
+    return [t.data_ptr() for t in (block.noise, block.momentum) if t is not None] + [
+        b.data_ptr() for b in opt._snapshot_buffers
+    ]
+
+
+@pytest.mark.parametrize("sampler", ["ascent", "hmc"])
+def test_loop_reuses_its_buffers_across_steps(sampler):
+    x, y = _batch()
+    model = _mlp()
+    opt = TSAM(
+        model.parameters(),
+        torch.optim.SGD,
+        samples=3,
+        sampler=sampler,
+        lr=0.1,
+        generator=torch.Generator().manual_seed(0),
+    )
+    opt.step_on_batch(model, LOSS, x, y)
+    first = _buffers(opt)
+    assert len(first) == (1 if sampler == "ascent" else 2) + 4  # noise (+ momentum), 4 params
+    opt.step(_closure(model, x, y))
+    opt.step_on_batch(model, LOSS, x, y)
+    assert _buffers(opt) == first
+
+
+def test_buffers_follow_new_param_groups_and_dtypes():
+    """After the parameters change shape (a new group) or dtype, the loop reallocates its
+    buffers and gives exactly the update of an optimizer built for the new parameters."""
+    x, y = _batch()
+    model, twin = _mlp(), _mlp()
+    extra, extra_twin = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3))
+    kw = dict(t=2.0, samples=3, lr=0.1, momentum=0.9)
+    opt = TSAM(
+        model.parameters(), torch.optim.SGD, generator=torch.Generator().manual_seed(0), **kw
+    )
+    opt.step(_closure(model, x, y))
+    before = _buffers(opt)
+
+    def closure_with(m, p):
+        def closure():
+            loss = LOSS(m(x), y) + (p**2).sum()
+            loss.backward()
+            return loss
+
+        return closure
+
+    opt.add_param_group({"params": [extra]})
+    with torch.no_grad():
+        for a, b in zip(twin.parameters(), model.parameters(), strict=True):
+            a.copy_(b)
+    twin_opt = TSAM(
+        [*twin.parameters(), extra_twin], torch.optim.SGD, generator=torch.Generator(), **kw
+    )
+    twin_opt.generator.set_state(opt.generator.get_state())
+    opt.step(closure_with(model, extra))
+    twin_opt.step(closure_with(twin, extra_twin))
+    assert _buffers(opt) != before
+    # Same draws, same weights: the new parameter (no momentum history in either) moves alike.
+    assert torch.equal(extra, extra_twin)
+    model.double()
+    x64 = x.double()
+    assert opt._loop_block.layout.dtype == torch.float32
+    opt.step(_closure(model, x64, y))
+    # The model is float64 now, `extra` still float32: draws in float64, each cast on the way.
+    assert opt._loop_block.layout.dtype == torch.float64
+    assert [b.dtype for b in opt._snapshot_buffers] == [p.dtype for p in opt._params()]
+    assert [p.dtype for p in opt._params()][-2:] == [torch.float64, torch.float32]
+    assert all(torch.isfinite(p).all() for p in opt._params())
+
+
+def test_batchnorm_pass_of_a_sequential_stops_after_its_last_batchnorm():
+    x, _ = _batch()
+    model = _bn_net()
+    reference = copy.deepcopy(model)
+    calls = []
+    model[3].register_forward_hook(lambda *_: calls.append(1))
+    update_batchnorm_stats(model, x)
+    assert calls == []  # the classifier after the BatchNorm did not run
+    with torch.no_grad():
+        reference(x)
+    assert torch.equal(model[1].running_mean, reference[1].running_mean)
+    assert torch.equal(model[1].running_var, reference[1].running_var)
+    model.eval()
+    update_batchnorm_stats(model, x)  # eval mode: no pass at all
+    assert model[1].num_batches_tracked.item() == 1
