@@ -501,3 +501,95 @@ def test_unknown_pages_are_designed_404s(server: LocalServer, page: Any) -> None
     response = page.goto(f"{server.url}/studies/nope")
     assert response.status == 404
     assert "No study" in page.locator("main").inner_text()
+
+
+LARGE = 10_000
+MAX_POINTS = 2000  # service/dashboard/static/common.js
+ROWS_PER_PAGE = 100  # service/dashboard/static/study.js
+
+
+@pytest.fixture(scope="module")
+def large_study(server: LocalServer) -> str:
+    """A finished study of 10,000 complete trials with two epochs each, written straight
+    into the server's database (running them would take hours)."""
+    from sqlalchemy import insert
+
+    from service.trials.models import Trial, TrialMetric
+
+    spec = sleep_spec("dashboard-10k", budget={"n_trials": LARGE, "max_parallel": 4})
+    study_id = new_study_id()
+    db = Database(server.database_url)
+    try:
+        with db.write() as session:
+            study = Study(
+                id=study_id,
+                owner="local",
+                name=spec["name"],
+                spec=StudySpec.model_validate(spec).model_dump(mode="json"),
+                status="completed",
+                next_number=LARGE,
+            )
+            session.add(study)
+            session.flush()
+            rows = []
+            for n in range(LARGE):
+                value = 0.5 + 0.4 * math.sin(n / 97.0) ** 2
+                rows.append(
+                    {
+                        "study_pk": study.pk,
+                        "number": n,
+                        "state": "complete",
+                        "params": {
+                            "t": 0.1 + n % 100,
+                            "rho": 0.01 + (n % 7) / 20,
+                            "samples": 1 + n % 8,
+                        },
+                        "attempts": 1,
+                        "value": value,
+                        "values": [value],
+                        "metrics": {"val_accuracy": value, "test_accuracy": value},
+                    }
+                )
+            session.execute(insert(Trial), rows)
+            pks = session.execute(
+                Trial.__table__.select()
+                .with_only_columns(Trial.pk)
+                .where(Trial.study_pk == study.pk)
+            ).scalars()
+            session.execute(
+                insert(TrialMetric),
+                [
+                    {"trial_pk": pk, "epoch": e, "attempt": 1, "metrics": {"val_accuracy": e / 2}}
+                    for pk in pks
+                    for e in (1, 2)
+                ],
+            )
+    finally:
+        db.dispose()
+    return study_id
+
+
+def test_a_study_of_ten_thousand_trials_pages_its_table_and_downsamples_its_charts(
+    server: LocalServer, page: Any, large_study: str
+) -> None:
+    page.goto(f"{server.url}/studies/{large_study}")
+    page.wait_for_function(
+        f"() => document.querySelectorAll('#trial-table tbody tr').length === {ROWS_PER_PAGE}"
+    )
+    wait_charts(page, ("history", "intermediate", "parallel", "slice"))
+    assert page.locator("#trial-page").inner_text() == f"page 1 of {LARGE // ROWS_PER_PAGE}"
+    page.locator("#trial-next").click()
+    assert page.locator("#trial-page").inner_text() == f"page 2 of {LARGE // ROWS_PER_PAGE}"
+    assert page.locator("#trial-table tbody tr").count() == ROWS_PER_PAGE
+    assert "10000/10000 done" in page.locator("#study-progress").inner_text()
+
+    history = chart(page, "history")
+    assert points(history[0]) == MAX_POINTS  # every trial is complete: downsampled to the cap
+    assert history[0]["x"][-1] == LARGE - 1  # the last trial is always kept
+    intermediate = chart(page, "intermediate")
+    drawn = sum(points(trace) for trace in intermediate)
+    assert 0 < drawn <= MAX_POINTS
+    parallel = chart(page, "parallel")
+    assert 0 < len(parallel[0]["dimensions"][0]["values"]) <= MAX_POINTS
+    for trace in chart(page, "slice"):
+        assert 0 < points(trace) <= MAX_POINTS
