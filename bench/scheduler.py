@@ -233,12 +233,18 @@ def main() -> None:
                 ideal = args.trials * sleep_s / args.parallel
                 walls: dict[str, list[float]] = {"tsam-sweep": [], "optuna-rdb": [], "ray-only": []}
                 for _ in range(args.repeats):  # interleaved, so load drift hits all sides
+                    # Ray keeps only num_cpus idle workers and ends the others after about a
+                    # second idle, so `parallel` fractional-CPU trials would pay new worker
+                    # processes after every pause; `parallel` untimed trials that overlap
+                    # (0.3 s each) first bring them all back.
+                    run_ours(url, args.parallel, args.parallel, 0.3, 1)
                     walls["tsam-sweep"].append(
                         run_ours(url, args.trials, args.parallel, sleep_s, args.epochs)
                     )
                     walls["optuna-rdb"].append(
                         run_optuna(optuna_url, args.trials, args.parallel, sleep_s, args.epochs)
                     )
+                    ray_only.run(args.parallel, args.parallel, 0.3, 1)
                     walls["ray-only"].append(
                         ray_only.run(args.trials, args.parallel, sleep_s, args.epochs)
                     )

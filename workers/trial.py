@@ -361,14 +361,14 @@ def _load_json(path: Path) -> dict[str, Any] | None:
 
 def _save_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
     """Write JSON next to ``path`` then ``os.replace`` it in: readers see old or new, never
-    half a file."""
+    half a file. No fsync: the sleep runner's checkpoints must survive a killed worker (the
+    page cache does), not a power cut, and an fsync per epoch was most of a zero-work
+    trial's cost on its worker."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(data, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
