@@ -2,21 +2,23 @@
 
 One thread in the server process owns it. It sleeps on an event that is set when something
 happens -- a study arrives, an executor has reports -- so a freed slot is refilled within
-milliseconds; ``tick`` is only a safety net. Each pass:
+milliseconds (at once when a trial ended, else after ``batch_s`` to gather the rest of a burst
+of events); ``tick`` is only a safety net. Each pass:
 
 1. stores every pending executor event (reports, results, failures) in **one** write
-   transaction, each event inside its own savepoint so a bad one is dropped alone; what
-   follows from them in memory (telling Optuna, asking the pruner, events for the live
-   dashboard) happens only after that commit;
+   transaction (if a handler raises, the batch goes round again with a savepoint per event,
+   so only the bad one is dropped); what follows from them in memory (telling Optuna, asking
+   the pruner, events for the live dashboard) happens only after that commit;
 2. cancels trials past ``trial_timeout_s`` and trials of studies that were cancelled;
 3. fills free slots: for each runnable study (priority, then oldest first) that has room,
    one write transaction claims waiting trials (retries, enqueued or interrupted ones) and
    creates new ones asked from Optuna, all as ``running`` under fresh leases; they are
    submitted to the executor after the commit. A study with no room costs no write.
 
-Batching is what makes the scheduler cheap: a commit costs far more than the statements in it
-(an fsync on PostgreSQL, the write lock on SQLite), and a study with ``max_parallel`` trials
-produces its events in bursts. Optuna's side of a study lives in :mod:`service.runtime`.
+Batching is what makes the scheduler cheap: each transaction costs its BEGIN/COMMIT (the WAL
+flush on PostgreSQL, the write lock on SQLite) and SQLAlchemy's session set-up, which
+together outweighed the few statements an event needs, and a study with ``max_parallel``
+trials produces its events in bursts. Optuna's side of a study lives in :mod:`service.runtime`.
 """
 
 from __future__ import annotations
@@ -151,23 +153,32 @@ class Scheduler:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            if self._wake.wait(self.tick_s) and self.batch_s:
-                # A trial's events come in bursts (its result right behind its last report;
-                # several trials ending together): a few ms of patience stores a burst in one
-                # transaction instead of one each.
-                self._stop.wait(self.batch_s)
+            woken = self._wake.wait(self.tick_s)
             self._wake.clear()
             if self._stop.is_set():
                 break
             try:
-                self.run_pass()
+                self.run_pass(self._gather() if woken else None)
             except Exception:
                 log.exception("scheduler pass failed; retrying on the next wake-up")
 
-    def run_pass(self) -> None:
-        """One pass (public so tests can drive the scheduler without its thread)."""
+    def _gather(self) -> list[ExecutorEvent]:
+        """The events to store in this pass. A trial's events come in bursts (its reports and
+        result within a few ms; several trials ending together), so unless a trial has just
+        ended -- a freed slot to refill at once -- wait ``batch_s`` for the rest of the burst:
+        one transaction stores it instead of one each."""
+        events = self.executor.drain()
+        if self.batch_s and not any(e.terminal for e in events):
+            self._stop.wait(self.batch_s)
+            self._wake.clear()
+            events += self.executor.drain()
+        return events
+
+    def run_pass(self, events: list[ExecutorEvent] | None = None) -> None:
+        """One pass over ``events`` (default: whatever the executor has); public so tests can
+        drive the scheduler without its thread."""
         self.passes += 1
-        self._handle_events(self.executor.drain())
+        self._handle_events(self.executor.drain() if events is None else events)
         with self.db.read() as session:
             studies = list(
                 session.execute(

@@ -205,3 +205,29 @@ def test_a_study_completes_once_its_last_trials_are_stored(db, tmp_path):
     with db.read() as s:
         assert s.get(Study, study.pk).status == "completed"
     assert [t.state for t in trials_of(db, study)] == ["complete", "complete"]
+
+
+class Bursty(ManualExecutor):
+    """``drain`` hands out one queued batch per call, like events still arriving."""
+
+    def __init__(self, batches: list[list[ExecutorEvent]]) -> None:
+        super().__init__()
+        self.batches = batches
+        self.drains = 0
+
+    def drain(self) -> list[ExecutorEvent]:
+        self.drains += 1
+        return self.batches.pop(0) if self.batches else []
+
+
+def test_a_pass_waits_for_the_rest_of_a_burst_unless_a_trial_just_ended(db, tmp_path):
+    report = ExecutorEvent("r", "report", {"epoch": 1, "metrics": {}})
+    result = ExecutorEvent("r", "result", {"metrics": {}})
+    executor = Bursty([[report], [result]])
+    scheduler = Scheduler(db, executor, checkpoint_root=str(tmp_path), batch_s=0.001)
+    assert scheduler._gather() == [report, result]  # waited, drained the burst's rest
+
+    executor = Bursty([[result], [report]])
+    scheduler = Scheduler(db, executor, checkpoint_root=str(tmp_path), batch_s=0.001)
+    assert scheduler._gather() == [result]  # a slot is free: no waiting
+    assert executor.drains == 1
