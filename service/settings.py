@@ -39,8 +39,8 @@ class Settings(BaseSettings):
         0.005,
         ge=0,
         le=1,
-        description="after a wake-up, how long the scheduler lets a burst of trial events "
-        "gather before storing them in one transaction",
+        description="how long the scheduler lets a burst of trial reports gather before "
+        "storing them in one transaction (a finished trial is stored at once)",
     )
     checkpoint_root: str = Field("./runs", description="where trials write their checkpoints")
     default_owner: str = Field("local", description="owner of every study while auth is off")
