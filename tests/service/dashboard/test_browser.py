@@ -593,3 +593,42 @@ def test_a_study_of_ten_thousand_trials_pages_its_table_and_downsamples_its_char
     assert 0 < len(parallel[0]["dimensions"][0]["values"]) <= MAX_POINTS
     for trace in chart(page, "slice"):
         assert 0 < points(trace) <= MAX_POINTS
+
+
+def test_the_pages_work_offline_with_plotly_from_the_installed_package(
+    server: LocalServer, browser: Any, finished: dict[str, Any]
+) -> None:
+    """Every request the three pages make goes to the server itself; anything else is
+    refused and recorded, and the charts still draw."""
+    from service.dashboard.router import plotly_js_path
+
+    ctx = browser.new_context(viewport={"width": 1200, "height": 900})
+    ctx.set_default_timeout(TIMEOUT_MS)
+    requested: list[str] = []
+    foreign: list[str] = []
+
+    def only_the_server(route: Any) -> None:
+        url = route.request.url
+        requested.append(url)
+        if url.startswith(server.url):
+            route.continue_()
+        else:
+            foreign.append(url)
+            route.abort()
+
+    ctx.route("**/*", only_the_server)
+    try:
+        pg = ctx.new_page()
+        for path in ("/", f"/studies/{finished['id']}", f"/studies/{finished['id']}/trials/0"):
+            pg.goto(f"{server.url}{path}")
+            pg.wait_for_load_state("networkidle")
+        pg.goto(f"{server.url}/studies/{finished['id']}")
+        wait_charts(pg, ("history", "intermediate"))
+        assert len(chart(pg, "history")[0]["x"]) == finished["counts"]["complete"]
+    finally:
+        ctx.close()
+    assert foreign == []
+    vendor = [u for u in requested if u.endswith("plotly.min.js")]
+    assert vendor, requested
+    body = httpx.get(vendor[0], timeout=60).content
+    assert body == plotly_js_path().read_bytes()
