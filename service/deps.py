@@ -44,3 +44,16 @@ def owned_study(study_id: str, db: DbDep, owner: OwnerDep) -> Study:
 
 
 OwnedStudy = Annotated[Study, Depends(owned_study)]
+
+
+def invalid_query(**errors: str) -> HTTPException:
+    """A 422 naming each bad query parameter the way FastAPI's own validation does
+    (``{"loc": ["query", name], "msg": ..., "type": "value_error"}``), so clients read one
+    error shape whether pydantic or a route rejected the value."""
+    return HTTPException(
+        422,
+        [
+            {"loc": ["query", name], "msg": msg, "type": "value_error"}
+            for name, msg in errors.items()
+        ],
+    )

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from service.deps import DbDep, OwnedStudy, SettingsDep
+from service.deps import DbDep, OwnedStudy, SettingsDep, invalid_query
 from service.events import EventBroker, sse_stream
 from service.insights import service
 from service.studies.models import Study
@@ -90,16 +90,14 @@ def importance(
     objective: Annotated[int, Query(ge=0, description="index of the objective")] = 0,
 ) -> ImportanceOut:
     """Parameter importances (Optuna's evaluators) over the study's complete trials."""
-    errors = []
+    errors = {}
     if evaluator not in service.EVALUATORS:
-        errors.append(("evaluator", f"must be one of {list(service.EVALUATORS)}"))
+        errors["evaluator"] = f"must be one of {list(service.EVALUATORS)}"
     n_objectives = len(StudySpec.model_validate(study.spec).objectives)
     if objective >= n_objectives:
-        errors.append(("objective", f"the study has {n_objectives} objective(s)"))
+        errors["objective"] = f"the study has {n_objectives} objective(s)"
     if errors:
-        raise HTTPException(
-            422, [{"loc": ["query", k], "msg": m, "type": "value_error"} for k, m in errors]
-        )
+        raise invalid_query(**errors)
     with db.read() as session:
         result = service.param_importances(session, study, evaluator=evaluator, objective=objective)
     return ImportanceOut(**result.__dict__)

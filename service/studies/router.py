@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
 
-from service.deps import DbDep, OwnedStudy, OwnerDep, SettingsDep
+from service.deps import DbDep, OwnedStudy, OwnerDep, SettingsDep, invalid_query
 from service.studies import lifecycle, service
 from service.studies.models import STUDY_STATUSES
 from service.studies.schemas import StudyOut, StudyPage
@@ -103,16 +103,7 @@ def list_studies(
 ) -> StudyPage:
     """The caller's studies, newest first."""
     if status is not None and status not in STUDY_STATUSES:
-        raise HTTPException(
-            422,
-            [
-                {
-                    "loc": ["query", "status"],
-                    "msg": f"must be one of {list(STUDY_STATUSES)}",
-                    "type": "value_error",
-                }
-            ],
-        )
+        raise invalid_query(status=f"must be one of {list(STUDY_STATUSES)}")
     with db.read() as session:
         try:
             studies, next_cursor = service.list_studies(
@@ -123,9 +114,7 @@ def list_studies(
                 cursor=cursor,
             )
         except ValueError:
-            raise HTTPException(
-                422, [{"loc": ["query", "cursor"], "msg": "invalid cursor", "type": "value_error"}]
-            ) from None
+            raise invalid_query(cursor="invalid cursor") from None
         items = [StudyOut.of(s) for s in service.summarize(session, studies)]
     return StudyPage(items=items, next_cursor=next_cursor)
 

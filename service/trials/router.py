@@ -8,7 +8,7 @@ from fastapi import APIRouter, HTTPException, Query, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import select
 
-from service.deps import DbDep, OwnedStudy, SettingsDep
+from service.deps import DbDep, OwnedStudy, SettingsDep, invalid_query
 from service.trials import export
 from service.trials import service as trial_service
 from service.trials.models import TRIAL_STATES, Trial
@@ -30,16 +30,7 @@ def list_trials(
 ) -> TrialPage:
     """Trials by number, paginated and incremental (``?after=`` the last number seen)."""
     if state is not None and state not in TRIAL_STATES:
-        raise HTTPException(
-            422,
-            [
-                {
-                    "loc": ["query", "state"],
-                    "msg": f"must be one of {list(TRIAL_STATES)}",
-                    "type": "value_error",
-                }
-            ],
-        )
+        raise invalid_query(state=f"must be one of {list(TRIAL_STATES)}")
     limit = min(limit, settings.max_page_size)
     query = select(Trial).where(Trial.study_pk == study.pk)
     if state is not None:

@@ -13,38 +13,13 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.settings import Settings
+from tests.service.studies.test_spec import EXAMPLE_SPEC
 from workers.executor import InProcessExecutor
 
-EXAMPLE = {
-    "name": "digits-noisy-tsam",
-    "task": {
-        "dataset": "digits",
-        "model": "mlp",
-        "epochs": 2,
-        "batch_size": 64,
-        "label_noise": 0.3,
-        "seed": 0,
-    },
-    "optimizer": {
-        "method": "tsam",
-        "base": "sgd",
-        "lr": 0.05,
-        "momentum": 0.9,
-        "weight_decay": 5.0e-4,
-        "t": 1.0,
-        "rho": 0.05,
-        "samples": 3,
-    },
-    "search_space": {
-        "t": {"type": "float", "low": 0.1, "high": 100.0, "log": True},
-        "rho": {"type": "float", "low": 0.01, "high": 0.5, "log": True},
-        "samples": {"type": "int", "low": 1, "high": 8},
-    },
-    "objective": {"metric": "val_accuracy", "direction": "maximize"},
-    "sampler": {"name": "tpe", "seed": 0},
-    "pruner": {"name": "median", "n_warmup_steps": 3},
-    "budget": {"n_trials": 4, "max_parallel": 2, "timeout_s": 3600},
-    "resources": {"cpus": 1, "gpus": 0},
+# The DESIGN.md example, shortened to two epochs and four zero-work trials.
+EXAMPLE = EXAMPLE_SPEC | {
+    "task": EXAMPLE_SPEC["task"] | {"epochs": 2},
+    "budget": EXAMPLE_SPEC["budget"] | {"n_trials": 4},
     "runner": {"name": "sleep"},
 }
 
