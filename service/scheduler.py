@@ -80,7 +80,6 @@ class _Start:
     lease: str
     params: dict[str, Any]
     otrial: optuna.trial.Trial
-    asked: bool  # a new Optuna trial: told FAIL if the transaction does not commit
 
 
 class Scheduler:
@@ -240,6 +239,7 @@ class Scheduler:
 
     def _fill_study(self, study: Study) -> None:
         starts: list[_Start] = []
+        asked: list[optuna.trial.Trial] = []  # Optuna trials this call created
         runtime: StudyRuntime | None = None
         try:
             with self.db.write() as session:
@@ -250,7 +250,7 @@ class Scheduler:
                 if fresh is None or fresh.status not in ACTIVE_STATUSES:
                     return
                 runtime = self._runtime(session, fresh)
-                if self._claim_starts(session, fresh, runtime, starts) == "completed":
+                if self._claim_starts(session, fresh, runtime, starts, asked) == "completed":
                     fresh.status, fresh.finished_at = "completed", utcnow()
                     completed = True
                 else:
@@ -259,9 +259,8 @@ class Scheduler:
                     fresh.status, fresh.started_at = "running", utcnow()
         except Exception:
             if runtime is not None:
-                for start in starts:
-                    if start.asked:  # nothing started: the asked Optuna trial must not dangle
-                        runtime.optuna_study.tell(start.otrial, state=optuna.trial.TrialState.FAIL)
+                for otrial in asked:  # nothing started: an asked Optuna trial must not dangle
+                    runtime.optuna_study.tell(otrial, state=optuna.trial.TrialState.FAIL)
             raise
         if completed:
             self._emit(study.id, {"type": "study", "status": "completed"})
@@ -269,10 +268,16 @@ class Scheduler:
             self._submit(fresh, runtime, start)
 
     def _claim_starts(
-        self, session: Session, study: Study, runtime: StudyRuntime, starts: list[_Start]
+        self,
+        session: Session,
+        study: Study,
+        runtime: StudyRuntime,
+        starts: list[_Start],
+        asked: list[optuna.trial.Trial],
     ) -> str | None:
-        """Claim or create the trials ``study`` can start now into ``starts``; returns
-        ``"completed"`` when the study has nothing left to run."""
+        """Claim or create the trials ``study`` can start now into ``starts`` (every Optuna
+        trial created on the way goes into ``asked`` at once, so a failed transaction can fail
+        them); returns ``"completed"`` when the study has nothing left to run."""
         budget = runtime.spec.budget
         in_flight = self._in_flight(study.pk)
         timed_out = _timed_out(study, budget.timeout_s)
@@ -294,20 +299,16 @@ class Scheduler:
                 trial = waiting.pop(0)
                 lease = trials.claim(session, trial)
                 if lease is not None:
-                    otrial = runtime.live.get(trial.number) or runtime.ask_fixed(trial.params)
+                    otrial = runtime.live.get(trial.number)
+                    if otrial is None:
+                        otrial = runtime.ask_fixed(trial.params)
+                        asked.append(otrial)
                     starts.append(
-                        _Start(
-                            trial.pk,
-                            trial.number,
-                            trial.attempts,
-                            lease,
-                            trial.params,
-                            otrial,
-                            False,
-                        )
+                        _Start(trial.pk, trial.number, trial.attempts, lease, trial.params, otrial)
                     )
             elif not timed_out and study.next_number + len(new_params) < budget.n_trials:
                 otrial = runtime.optuna_study.ask()
+                asked.append(otrial)
                 new_params.append((otrial, search.suggest_params(otrial, runtime.spec)))
             else:
                 break
@@ -317,7 +318,7 @@ class Scheduler:
             session, study_pk=study.pk, params=[p for _, p in new_params]
         )
         for (otrial, params), (pk, number, lease) in zip(new_params, created, strict=True):
-            starts.append(_Start(pk, number, 1, lease, params, otrial, True))
+            starts.append(_Start(pk, number, 1, lease, params, otrial))
         return None
 
     def _submit(self, study: Study, runtime: StudyRuntime, start: _Start) -> None:

@@ -231,3 +231,27 @@ def test_a_pass_waits_for_the_rest_of_a_burst_unless_a_trial_just_ended(db, tmp_
     scheduler = Scheduler(db, executor, checkpoint_root=str(tmp_path), batch_s=0.001)
     assert scheduler._gather() == [result]  # a slot is free: no waiting
     assert executor.drains == 1
+
+
+def test_a_failed_fill_stores_nothing_and_leaves_no_optuna_trial_running(db, tmp_path, monkeypatch):
+    import optuna
+
+    from service.trials import service as trial_service
+
+    scheduler, executor, study = make(db, tmp_path)
+    real = trial_service.create_running
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("insert failed")
+
+    monkeypatch.setattr(trial_service, "create_running", broken)
+    with pytest.raises(RuntimeError, match="insert failed"):
+        scheduler.run_pass()
+    assert executor.submitted == {} and trials_of(db, study) == []
+    states = [t.state for t in scheduler._runtimes[study.pk].optuna_study.get_trials()]
+    assert states == [optuna.trial.TrialState.FAIL] * 3
+
+    monkeypatch.setattr(trial_service, "create_running", real)
+    scheduler.run_pass()
+    assert [t.number for t in trials_of(db, study)] == [0, 1, 2]  # numbers were not used up
+    assert len(executor.submitted) == 3
