@@ -199,7 +199,8 @@ class RayExecutor:
         self._task = ray.remote(max_retries=0, num_returns="streaming")(_trial_task)
         self._pump_thread = threading.Thread(target=self._pump, name="ray-executor", daemon=True)
         self._pump_thread.start()
-        self._loop_ready.wait()
+        if not self._loop_ready.wait(30):
+            raise RuntimeError("the Ray executor's pump thread did not start")
         if self._warm_workers:
             self._start_warmup()
 
@@ -361,7 +362,8 @@ class RayExecutor:
             except Exception:
                 logger.exception("Ray executor: enforcing cancel deadlines failed")
             await asyncio.sleep(self.poll_interval_s)
-        readers = [r.reader for r in self._runs.values() if r.reader is not None]
+        with self._lock:
+            readers = [r.reader for r in self._runs.values() if r.reader is not None]
         for reader in readers:
             reader.cancel()
         await asyncio.gather(*readers, return_exceptions=True)
