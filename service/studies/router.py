@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Response
@@ -135,16 +137,23 @@ LIFECYCLE_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _lifecycle(request: Request, db: DbDep, owner: str, study_id: str, verb: Any) -> StudyOut:
-    """Run a lifecycle call, map its errors to HTTP, wake the scheduler, answer the study."""
+@contextmanager
+def _as_http(study_id: str) -> Iterator[None]:
+    """Lifecycle errors as HTTP answers: no such study 404, wrong state 409, bad input 422."""
     try:
-        study = verb(db, owner=owner, study_id=study_id)
+        yield
     except service.StudyNotFound:
         raise HTTPException(404, f"study {study_id!r} not found") from None
     except lifecycle.Conflict as err:
         raise HTTPException(409, str(err)) from None
     except lifecycle.InvalidInput as err:
         raise HTTPException(422, err.errors) from None
+
+
+def _lifecycle(request: Request, db: DbDep, owner: str, study_id: str, verb: Any) -> StudyOut:
+    """Run a lifecycle call, map its errors to HTTP, wake the scheduler, answer the study."""
+    with _as_http(study_id):
+        study = verb(db, owner=owner, study_id=study_id)
     request.app.state.scheduler.wake()
     return _summary(db, study)
 
@@ -170,12 +179,8 @@ def cancel_study(request: Request, db: DbDep, owner: OwnerDep, study_id: str) ->
 @router.delete("/{study_id}", status_code=204, responses=LIFECYCLE_RESPONSES)
 def delete_study(db: DbDep, owner: OwnerDep, study_id: str) -> Response:
     """Remove a finished (completed, cancelled or failed) study and its trials."""
-    try:
+    with _as_http(study_id):
         lifecycle.delete_study(db, owner=owner, study_id=study_id)
-    except service.StudyNotFound:
-        raise HTTPException(404, f"study {study_id!r} not found") from None
-    except lifecycle.Conflict as err:
-        raise HTTPException(409, str(err)) from None
     return Response(status_code=204)
 
 
@@ -207,13 +212,7 @@ def enqueue_trial(
 ) -> TrialItem:
     """Enqueue a trial with fixed params (e.g. ``{"params": {"method": "sam", "rho": 0.05}}``);
     it runs before new sampler trials and counts towards ``n_trials``."""
-    try:
+    with _as_http(study_id):
         trial = lifecycle.enqueue(db, owner=owner, study_id=study_id, params=body.params)
-    except service.StudyNotFound:
-        raise HTTPException(404, f"study {study_id!r} not found") from None
-    except lifecycle.Conflict as err:
-        raise HTTPException(409, str(err)) from None
-    except lifecycle.InvalidInput as err:
-        raise HTTPException(422, err.errors) from None
     request.app.state.scheduler.wake()
     return TrialItem.of(trial)
