@@ -6,14 +6,17 @@ milliseconds (at once when a trial ended, else after ``batch_s`` to gather the r
 of events); ``tick`` is only a safety net. Each pass:
 
 1. stores every pending executor event (reports, results, failures) in **one** write
-   transaction (if a handler raises, the batch goes round again with a savepoint per event,
-   so only the bad one is dropped); what follows from them in memory (telling Optuna, asking
-   the pruner, events for the live dashboard) happens only after that commit;
+   transaction -- all reports of the pass in two statements, whatever their number -- and
+   reads the active studies in it too (if a handler raises, the batch goes round again with
+   a savepoint per event, so only the bad one is dropped); what follows from them in memory
+   (telling Optuna, asking the pruner, events for the live dashboard) happens only after
+   that commit;
 2. cancels trials past ``trial_timeout_s`` and trials of studies that were cancelled;
 3. fills free slots: for each runnable study (priority, then oldest first) that has room,
    one write transaction claims waiting trials (retries, enqueued or interrupted ones) and
    creates new ones asked from Optuna, all as ``running`` under fresh leases; they are
-   submitted to the executor after the commit. A study with no room costs no write.
+   submitted to the executor after the commit. A study with no room costs no write, and
+   waiting trials are looked for only where the pass saw some or a trial was enqueued since.
 
 Batching is what makes the scheduler cheap: each transaction costs its BEGIN/COMMIT (the WAL
 flush on PostgreSQL, the write lock on SQLite) and SQLAlchemy's session set-up, which
@@ -80,6 +83,15 @@ class _Start:
     lease: str
     params: dict[str, Any]
     otrial: optuna.trial.Trial
+
+
+@dataclass
+class _View:
+    """What a pass knows of the studies: see :meth:`Scheduler._view`."""
+
+    studies: list[Study]
+    waiting: set[int]  # pks of the studies with a waiting trial
+    statuses: dict[int, str]  # study pk -> status, for every study with a run in flight
 
 
 class Scheduler:
@@ -177,21 +189,33 @@ class Scheduler:
         """One pass over ``events`` (default: whatever the executor has); public so tests can
         drive the scheduler without its thread."""
         self.passes += 1
-        self._handle_events(self.executor.drain() if events is None else events)
-        with self.db.read() as session:
-            studies = list(
-                session.execute(
-                    select(Study)
-                    .where(Study.status.in_(ACTIVE_STATUSES))
-                    .order_by(Study.priority.desc(), Study.pk)
-                ).scalars()
-            )
-            statuses = self._run_statuses(session, studies)
-            to_fill = [s for s in studies if self._has_work(session, s)]
-        self._enforce_limits(statuses)
+        view = self._handle_events(self.executor.drain() if events is None else events)
+        if view is None:  # nothing was stored: read the active studies on their own
+            with self.db.read() as session:
+                view = self._view(session)
+        self._enforce_limits(view.statuses)
         if not self._stop.is_set():
-            for study in to_fill:
-                self._fill_study(study)
+            for study in view.studies:
+                if self._has_work(study, study.pk in view.waiting):
+                    self._fill_study(study, study.pk in view.waiting)
+
+    def _view(self, session: Session) -> _View:
+        """The active studies (priority, then oldest first), which of them have a waiting
+        trial, and the status of every study with a run in flight -- in two statements."""
+        has_waiting = (
+            select(Trial.pk)
+            .where(Trial.study_pk == Study.pk, Trial.state == "waiting")
+            .exists()
+            .label("has_waiting")
+        )
+        rows = session.execute(
+            select(Study, has_waiting)
+            .where(Study.status.in_(ACTIVE_STATUSES))
+            .order_by(Study.priority.desc(), Study.pk)
+        ).all()
+        studies = [study for study, _ in rows]
+        waiting = {study.pk for study, flag in rows if flag}
+        return _View(studies, waiting, self._run_statuses(session, studies))
 
     def _emit(self, study_id: str, event: dict[str, Any]) -> None:
         for hook in self.hooks:
@@ -214,7 +238,7 @@ class Scheduler:
         return sum(1 for r in self._runs.values() if r.study_pk == study_pk)
 
     # ------------------------------------------------------------------ filling slots
-    def _has_work(self, session: Session, study: Study) -> bool:
+    def _has_work(self, study: Study, has_waiting: bool) -> bool:
         """Whether ``study`` may start a trial or complete now: False skips its write
         transaction. Decided from the last known spec; the transaction re-checks."""
         runtime = self._runtimes.get(study.pk)
@@ -230,14 +254,13 @@ class Scheduler:
         if not self._fits(resources):
             return False
         exhausted = _timed_out(study, budget.timeout_s) or study.next_number >= budget.n_trials
-        if not exhausted:
-            return True
-        waiting = session.execute(
-            select(Trial.pk).where(Trial.study_pk == study.pk, Trial.state == "waiting").limit(1)
-        ).first()
-        return waiting is not None
+        return has_waiting or not exhausted
 
-    def _fill_study(self, study: Study) -> None:
+    def _fill_study(self, study: Study, has_waiting: bool = True) -> None:
+        """Start what ``study`` has room for, in one transaction. ``has_waiting=False`` (the
+        pass's view saw no waiting trial) skips reading the waiting trials unless a trial was
+        enqueued since the view was read (the study's ``next_number`` moved): only enqueues
+        and the scheduler's own releases, which the view sees, make trials wait."""
         starts: list[_Start] = []
         asked: list[optuna.trial.Trial] = []  # Optuna trials this call created
         runtime: StudyRuntime | None = None
@@ -250,7 +273,9 @@ class Scheduler:
                 if fresh is None or fresh.status not in ACTIVE_STATUSES:
                     return
                 runtime = self._runtime(session, fresh)
-                if self._claim_starts(session, fresh, runtime, starts, asked) == "completed":
+                has_waiting |= fresh.next_number != study.next_number
+                outcome = self._claim_starts(session, fresh, runtime, starts, asked, has_waiting)
+                if outcome == "completed":
                     fresh.status, fresh.finished_at = "completed", utcnow()
                     completed = True
                 else:
@@ -274,21 +299,26 @@ class Scheduler:
         runtime: StudyRuntime,
         starts: list[_Start],
         asked: list[optuna.trial.Trial],
+        has_waiting: bool = True,
     ) -> str | None:
         """Claim or create the trials ``study`` can start now into ``starts`` (every Optuna
         trial created on the way goes into ``asked`` at once, so a failed transaction can fail
-        them); returns ``"completed"`` when the study has nothing left to run."""
+        them); returns ``"completed"`` when the study has nothing left to run. The waiting
+        trials are read if ``has_waiting`` or before completing the study (under its lock)."""
         budget = runtime.spec.budget
         in_flight = self._in_flight(study.pk)
         timed_out = _timed_out(study, budget.timeout_s)
-        waiting = list(
-            session.execute(
-                select(Trial)
-                .where(Trial.study_pk == study.pk, Trial.state == "waiting")
-                .order_by(Trial.number)
-            ).scalars()
-        )
-        if not waiting and in_flight == 0 and (timed_out or study.next_number >= budget.n_trials):
+        exhausted = timed_out or study.next_number >= budget.n_trials
+        waiting: list[Trial] = []
+        if has_waiting or (in_flight == 0 and exhausted):
+            waiting = list(
+                session.execute(
+                    select(Trial)
+                    .where(Trial.study_pk == study.pk, Trial.state == "waiting")
+                    .order_by(Trial.number)
+                ).scalars()
+            )
+        if not waiting and in_flight == 0 and exhausted:
             return "completed"
         resources = Resources(runtime.spec.resources.cpus, runtime.spec.resources.gpus)
         room = budget.max_parallel - in_flight
@@ -396,8 +426,9 @@ class Scheduler:
             self.executor.cancel(run.run_id)
 
     # ------------------------------------------------------------------ events
-    def _handle_events(self, events: list[ExecutorEvent]) -> None:
-        """Store ``events`` in one transaction, then act on them in memory.
+    def _handle_events(self, events: list[ExecutorEvent]) -> _View | None:
+        """Store ``events`` in one transaction, then act on them in memory; returns the
+        :meth:`_view` read in that same transaction (None when nothing was stored).
 
         Each handler writes through the session and returns the in-memory follow-ups
         (Optuna, pruning, dashboard events) to run after the commit, so Optuna never learns of
@@ -408,45 +439,73 @@ class Scheduler:
         events, self._unstored = self._unstored + events, []
         todo = [(self._runs[e.run_id], e) for e in events if e.run_id in self._runs]
         if not todo:
-            return
+            return None
         try:
             try:
-                after = self._store(todo, isolate=False)
+                after, view = self._store(todo, isolate=False)
             except _HandlerError:
-                after = self._store(todo, isolate=True)
+                after, view = self._store(todo, isolate=True)
         except Exception:
             log.exception("could not store %d trial event(s); retrying next pass", len(todo))
             self._unstored = [e for _, e in todo]
-            return
+            return None
         for action in after:
             try:
                 action()
             except Exception:
                 log.exception("acting on a stored trial event failed")
+        return view
 
-    def _store(self, todo: list[tuple[Run, ExecutorEvent]], *, isolate: bool) -> list[Action]:
-        """One write transaction for all of ``todo``; ``isolate`` puts each event in a
+    def _store(
+        self, todo: list[tuple[Run, ExecutorEvent]], *, isolate: bool
+    ) -> tuple[list[Action], _View]:
+        """One write transaction for all of ``todo``, which also reads the pass's
+        :meth:`_view` (one transaction fewer per pass); ``isolate`` puts each event in a
         savepoint (a few statements more per event, so only after a failure)."""
         after: list[Action] = []
         try:
             with self.db.write() as session:
-                for run, event in todo:
-                    handler = getattr(self, f"_on_{event.kind}")
-                    if not isolate:
-                        try:
-                            after.extend(handler(session, run, event))
-                        except Exception as exc:
-                            raise _HandlerError from exc
-                        continue
+                if not isolate:
                     try:
-                        with session.begin_nested():
-                            after.extend(handler(session, run, event))
-                    except Exception:
-                        log.exception("failed to store %s of trial %s", event.kind, run.number)
+                        after = self._store_batch(session, todo)
+                    except Exception as exc:
+                        raise _HandlerError from exc
+                else:
+                    for run, event in todo:
+                        handler = getattr(self, f"_on_{event.kind}")
+                        try:
+                            with session.begin_nested():
+                                after.extend(handler(session, run, event))
+                        except Exception:
+                            log.exception("failed to store %s of trial %s", event.kind, run.number)
+                view = self._view(session)
         except BaseException:
             for run, _ in todo:
                 run.ended = False
             raise
+        return after, view
+
+    def _store_batch(self, session: Session, todo: list[tuple[Run, ExecutorEvent]]) -> list[Action]:
+        """Store ``todo`` with as few statements as its kinds allow: every report of the batch
+        in two (:func:`trials.record_reports`), then each terminal event. Per run, the order
+        of its events is kept: a run's terminal event is its last, and it is stored after
+        the run's reports."""
+        after: list[Action] = []
+        reports: list[tuple[Run, ExecutorEvent]] = []
+        ends: list[tuple[Run, ExecutorEvent]] = []
+        for run, event in todo:
+            if event.kind == "started":
+                after.extend(self._on_started(session, run, event))
+            elif event.kind == "report":
+                reports.append((run, event))
+            else:
+                ends.append((run, event))
+        if reports:
+            runs = {(run.trial_pk, run.lease): run for run, _ in reports}
+            stored = trials.record_reports(session, [_report(run, e) for run, e in reports])
+            after.extend(self._reported(runs[(r.pk, r.lease)], r.epoch, r.metrics) for r in stored)
+        for run, event in ends:
+            after.extend(getattr(self, f"_on_{event.kind}")(session, run, event))
         return after
 
     def _on_started(self, session: Session, run: Run, event: ExecutorEvent) -> list[Action]:
@@ -454,18 +513,21 @@ class Scheduler:
         return []
 
     def _on_report(self, session: Session, run: Run, event: ExecutorEvent) -> list[Action]:
-        epoch, metrics = int(event.payload["epoch"]), dict(event.payload["metrics"])
-        if not trials.record_report(
-            session, run.trial_pk, run.lease, epoch=epoch, attempt=run.attempt, metrics=metrics
-        ):
+        report = _report(run, event)
+        if not trials.record_reports(session, [report]):
             return []
+        return [self._reported(run, report.epoch, report.metrics)]
+
+    def _reported(self, run: Run, epoch: int, metrics: dict[str, Any]) -> Action:
+        """What follows a stored report, after the commit: the dashboard event and the
+        pruner's say."""
 
         def follow_up() -> None:
             run.last_metrics = metrics
             self._emit(run.study_id, {"type": "trial_report", "number": run.number, "epoch": epoch})
             self._maybe_prune(run, epoch, metrics)
 
-        return [follow_up]
+        return follow_up
 
     def _maybe_prune(self, run: Run, epoch: int, metrics: dict[str, Any]) -> None:
         runtime = self._runtimes[run.study_pk]
@@ -577,6 +639,13 @@ class Scheduler:
 
 class _HandlerError(Exception):
     """A handler raised while storing a batch of events without savepoints."""
+
+
+def _report(run: Run, event: ExecutorEvent) -> trials.Report:
+    payload = event.payload
+    return trials.Report(
+        run.trial_pk, run.lease, int(payload["epoch"]), run.attempt, dict(payload["metrics"])
+    )
 
 
 def _timed_out(study: Study, timeout_s: float | None) -> bool:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Table, bindparam, func, insert, select, update
+from sqlalchemy import CursorResult, Table, bindparam, func, insert, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -132,7 +132,6 @@ _T = cast(Table, Trial.__table__)
 _M = cast(Table, TrialMetric.__table__)
 _LEASED = (_T.c.pk == bindparam("b_pk")) & (_T.c.state == "running")
 _LEASED &= _T.c.lease_token == bindparam("b_lease")
-_HEARTBEAT = update(_T).where(_LEASED).values(heartbeat_at=bindparam("b_now"))
 _STARTED = update(_T).where(_LEASED).values(env=bindparam("b_env"), heartbeat_at=bindparam("b_now"))
 _FINISH = (
     update(_T)
@@ -173,21 +172,61 @@ def record_started(session: Session, pk: int, lease: str, env: dict[str, Any]) -
     return _cas(session, _STARTED, pk, lease, b_env=env)
 
 
+@dataclass(frozen=True)
+class Report:
+    """One epoch's metrics from the attempt running under ``lease``."""
+
+    pk: int
+    lease: str
+    epoch: int
+    attempt: int
+    metrics: dict[str, Any]
+
+
+def record_reports(session: Session, reports: Sequence[Report]) -> list[Report]:
+    """Store several reports, of one attempt or many, in two statements whatever their number.
+
+    Reports are the most frequent write, and one scheduler pass often holds a burst of them.
+    One compare-and-set beats the heartbeat of every attempt still running under its lease
+    (``UPDATE ... WHERE (pk, lease_token) IN (...) RETURNING pk, lease_token``; the row
+    locks it takes keep those attempts running until the caller commits), then one
+    executemany upserts their reports on ``(trial_pk, epoch)`` -- a resumed attempt's report
+    of an epoch replaces the old one. Returns the reports stored: a stale lease's are
+    dropped, nothing else is.
+    """
+    if not reports:
+        return []
+    now = utcnow()
+    keys = sorted({(r.pk, r.lease) for r in reports})
+    beaten = session.execute(
+        update(_T)
+        .where(_T.c.state == "running", tuple_(_T.c.pk, _T.c.lease_token).in_(keys))
+        .values(heartbeat_at=now)
+        .returning(_T.c.pk, _T.c.lease_token)
+    )
+    alive = {(pk, lease) for pk, lease in beaten}
+    stored = [r for r in reports if (r.pk, r.lease) in alive]
+    # The last report of an epoch wins, as it would one statement at a time.
+    rows = {
+        (r.pk, r.epoch): {
+            "trial_pk": r.pk,
+            "epoch": r.epoch,
+            "attempt": r.attempt,
+            "metrics": r.metrics,
+            "created_at": now,
+        }
+        for r in stored
+    }
+    if rows:
+        session.execute(_upsert_metric(session.get_bind().dialect.name), list(rows.values()))
+    return stored
+
+
 def record_report(
     session: Session, pk: int, lease: str, *, epoch: int, attempt: int, metrics: dict[str, Any]
 ) -> bool:
-    """Store one epoch's metrics; a resumed attempt's report of an epoch replaces the old one.
-
-    Two statements: the compare-and-set on the lease (which also beats the heartbeat) and an
-    upsert on ``(trial_pk, epoch)`` -- reports are the most frequent write.
-    """
-    if not _cas(session, _HEARTBEAT, pk, lease):
-        return False
-    row = {"trial_pk": pk, "epoch": epoch, "attempt": attempt, "metrics": metrics}
-    session.execute(
-        _upsert_metric(session.get_bind().dialect.name), {**row, "created_at": utcnow()}
-    )
-    return True
+    """Store one epoch's metrics under the attempt's lease (:func:`record_reports` of one)."""
+    return bool(record_reports(session, [Report(pk, lease, epoch, attempt, metrics)]))
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,11 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from service.db import Database
 from service.scheduler import Scheduler
+from service.studies import lifecycle
 from service.studies import service as studies
 from service.studies.models import Study
 from service.studies.spec import StudySpec
@@ -80,6 +81,19 @@ def commits(db: Database, monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(db, "write", counted)
     return seen
+
+
+@pytest.fixture
+def statements(db: Database) -> Iterator[list[str]]:
+    """The SQL statements the database ran, as sent (one entry per executemany)."""
+    seen: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        seen.append(statement)
+
+    event.listen(db.engine, "before_cursor_execute", record)
+    yield seen
+    event.remove(db.engine, "before_cursor_execute", record)
 
 
 def make(db: Database, tmp_path: Any, n_trials: int = 6, parallel: int = 3) -> tuple:
@@ -150,6 +164,21 @@ def test_a_burst_of_events_of_several_trials_is_one_transaction(db, tmp_path, co
         0.5,
         0.5,
     ]
+
+
+def test_the_reports_of_a_burst_cost_two_statements_whatever_their_number(db, tmp_path, statements):
+    scheduler, executor, study = make(db, tmp_path)
+    scheduler.run_pass()
+    for run_id in executor.submitted:
+        executor.finish(run_id, 0.5, epochs=4)  # three trials, twelve reports
+    statements.clear()
+    scheduler.run_pass()
+    metric_writes = [s for s in statements if s.lstrip().upper().startswith("INSERT INTO TRIAL_M")]
+    heartbeats = [s for s in statements if "heartbeat_at" in s and "lease_token) IN" in s]
+    assert len(metric_writes) == 1 and len(heartbeats) == 1
+    with db.read() as s:
+        assert s.execute(select(TrialMetric)).scalars().all().__len__() == 12
+    assert [t.state for t in trials_of(db, study)][:3] == ["complete"] * 3
 
 
 def test_a_bad_event_is_dropped_alone(db, tmp_path, caplog):
@@ -255,3 +284,25 @@ def test_a_failed_fill_stores_nothing_and_leaves_no_optuna_trial_running(db, tmp
     scheduler.run_pass()
     assert [t.number for t in trials_of(db, study)] == [0, 1, 2]  # numbers were not used up
     assert len(executor.submitted) == 3
+
+
+def test_a_pass_reads_waiting_trials_only_when_a_study_may_have_some(db, tmp_path, statements):
+    scheduler, executor, _ = make(db, tmp_path)
+    scheduler.run_pass()
+    run_id = next(iter(executor.submitted))
+    executor.finish(run_id, 0.5)
+    statements.clear()
+    scheduler.run_pass()  # one trial ended: its slot is refilled with a new sampler trial
+    assert len(executor.submitted) == 4
+    assert not [s for s in statements if s.startswith("SELECT trials.")]
+
+
+def test_a_trial_enqueued_after_the_pass_read_its_view_still_starts_first(db, tmp_path):
+    scheduler, executor, study = make(db, tmp_path)
+    with db.read() as s:
+        as_the_view_saw_it = s.get(Study, study.pk)
+    trial = lifecycle.enqueue(db, owner="local", study_id=study.id, params={"lr": 0.01})
+    scheduler._fill_study(as_the_view_saw_it, has_waiting=False)
+    first = min(executor.submitted.values(), key=lambda spec: spec.trial_number)
+    assert first.trial_number == trial.number == 0
+    assert [t.state for t in trials_of(db, study)] == ["running"] * 3

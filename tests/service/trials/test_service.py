@@ -91,6 +91,37 @@ def test_a_resumed_attempt_replaces_the_epoch_it_reports_again(db):
         assert trials.intermediate(s, [trial.pk]) == {trial.pk: [{"epoch": 1, "v": 0.2}]}
 
 
+def test_record_reports_stores_a_burst_of_several_attempts_and_drops_only_stale_ones(db):
+    study = _study(db)
+    a, b, c = _trial(db, study), _trial(db, study), _trial(db, study)
+    with db.write() as s:
+        la, lb = trials.claim(s, s.get(Trial, a.pk)), trials.claim(s, s.get(Trial, b.pk))
+        lc = trials.claim(s, s.get(Trial, c.pk))
+    with db.write() as s:
+        assert trials.release(s, c.pk, lc, "worker lost")
+    burst = [
+        trials.Report(a.pk, la, 1, 1, {"v": 0.1}),
+        trials.Report(b.pk, lb, 1, 1, {"v": 0.5}),
+        trials.Report(c.pk, lc, 1, 1, {"v": 0.9}),  # its attempt was released: stale
+        trials.Report(a.pk, la, 2, 1, {"v": 0.2}),
+        trials.Report(b.pk, "not-its-lease", 2, 1, {"v": 0.6}),
+        trials.Report(a.pk, la, 2, 1, {"v": 0.3}),  # the same epoch again: the last one wins
+    ]
+    with db.write() as s:
+        stored = trials.record_reports(s, burst)
+    assert stored == [burst[0], burst[1], burst[3], burst[5]]
+    with db.read() as s:
+        assert trials.intermediate(s, [a.pk, b.pk, c.pk]) == {
+            a.pk: [{"epoch": 1, "v": 0.1}, {"epoch": 2, "v": 0.3}],
+            b.pk: [{"epoch": 1, "v": 0.5}],
+            c.pk: [],
+        }
+        beats = {t.pk: t.heartbeat_at for t in s.execute(select(Trial)).scalars()}
+        started = {t.pk: t.started_at for t in s.execute(select(Trial)).scalars()}
+    assert beats[a.pk] > started[a.pk] and beats[b.pk] > started[b.pk]
+    assert trials.record_reports(s, []) == []
+
+
 def test_release_all_running_hands_every_running_attempt_back(db):
     study = _study(db)
     a, b = _trial(db, study), _trial(db, study)
