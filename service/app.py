@@ -45,6 +45,7 @@ def build_executor(settings: Settings) -> Executor:
         settings.ray_address,
         num_cpus=settings.ray_num_cpus,
         warm_workers=settings.ray_warm_workers,
+        idle_worker_s=settings.ray_idle_worker_s,
     )
 
 

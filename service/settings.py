@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     )
     ray_num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded Ray")
     ray_warm_workers: int = Field(1, ge=0, description="workers that pre-import torch at start")
+    ray_idle_worker_s: float = Field(
+        60.0, gt=0, le=86_400, description="how long the embedded Ray keeps an idle worker"
+    )
     local_slots: int = Field(2, ge=1, description="concurrent trials of the local executor")
     scheduler_tick_s: float = Field(
         1.0, gt=0, description="safety-net wake-up of the scheduler; events wake it sooner"

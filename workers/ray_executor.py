@@ -25,6 +25,11 @@
 * Cancel is ``ray.cancel`` on the generator: it raises ``KeyboardInterrupt`` inside the trial
   (the worker process is reused afterwards). A trial that does not stop within
   :attr:`RayExecutor.cancel_grace_s` is force-cancelled (its worker is killed).
+* An embedded Ray keeps idle worker processes for ``idle_worker_s`` (Ray's own default is one
+  second for the workers beyond ``num_cpus``): trials with fractional CPUs run more workers
+  than CPUs, and without it every pause of a second between trials -- the next study, a
+  resumed one -- would make those trials pay a new process and its torch import (10-30 s
+  here) again. A joined cluster keeps its own setting.
 * ``warm_workers > 0`` runs that many tiny tasks at start-up that pay a trial's one-off costs
   (importing torch, scikit-learn and the training loop, and torch's lazy ``torch._dynamo``
   import on the first optimizer); Ray keeps and reuses those worker processes. Measured on a
@@ -141,6 +146,7 @@ class RayExecutor:
         num_gpus: int | None = None,
         warm_workers: int = 0,
         temp_dir: str | None = None,
+        idle_worker_s: float = 60.0,
     ) -> None:
         if address is not None and (not isinstance(address, str) or not address):
             raise ValueError(f"address must be a non-empty string or None, got {address!r}")
@@ -153,6 +159,10 @@ class RayExecutor:
             raise ValueError("num_cpus/num_gpus size an embedded Ray; a joined cluster has its own")
         if not isinstance(warm_workers, int) or isinstance(warm_workers, bool) or warm_workers < 0:
             raise ValueError(f"warm_workers must be an integer >= 0, got {warm_workers!r}")
+        if isinstance(idle_worker_s, bool) or not isinstance(idle_worker_s, int | float):
+            raise ValueError(f"idle_worker_s must be a number of seconds, got {idle_worker_s!r}")
+        if not 0 < idle_worker_s <= 86_400:
+            raise ValueError(f"idle_worker_s must be in (0, 86400], got {idle_worker_s!r}")
         if temp_dir is not None and not os.path.isabs(temp_dir):
             raise ValueError(f"temp_dir must be an absolute path, got {temp_dir!r}")
         self._address = address
@@ -160,6 +170,7 @@ class RayExecutor:
         self._num_gpus = num_gpus
         self._warm_workers = warm_workers
         self._temp_dir = temp_dir
+        self._idle_worker_s = float(idle_worker_s)
 
         self._buffer = EventBuffer()
         self._lock = threading.Lock()
@@ -223,6 +234,8 @@ class RayExecutor:
                 kwargs["num_gpus"] = self._num_gpus
             if self._temp_dir is not None:
                 kwargs["_temp_dir"] = self._temp_dir
+            threshold_ms = round(self._idle_worker_s * 1000)
+            kwargs["_system_config"] = {"idle_worker_killing_time_threshold_ms": threshold_ms}
         else:
             kwargs["address"] = self._address
         tick = time.perf_counter()

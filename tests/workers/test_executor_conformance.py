@@ -234,6 +234,31 @@ def test_ray_train_runner_streams_reports_on_a_warm_worker(ray_executor, fresh_r
 
 
 @pytest.mark.ray
+def test_ray_workers_beyond_num_cpus_stay_warm_through_a_pause(ray_executor, fresh_ray_executor):
+    # Four half-CPU trials on the session's 2-CPU Ray run in four worker processes. Ray's own
+    # default ends idle workers beyond num_cpus after a second; the embedded Ray keeps them
+    # (idle_worker_s), so trials after a pause land in the same, warm processes.
+    harness = Harness(fresh_ray_executor)
+
+    def pids_of_four() -> set[int]:
+        runs = [harness.submit({"epochs": 1, "sleep_s": 1.5}, cpus=0.5) for _ in range(4)]
+        harness.wait_finished(*runs)
+        assert all(harness.kinds(r)[-1] == "result" for r in runs), harness.events
+        return {harness.events[r][0].payload["env"]["pid"] for r in runs}
+
+    first = pids_of_four()
+    assert len(first) == 4
+    time.sleep(3.0)  # three times Ray's default idle threshold
+    assert pids_of_four() == first
+
+
+def test_ray_executor_rejects_a_bad_idle_worker_time():
+    for bad in (0, -1.0, True, "60", 100_000):
+        with pytest.raises(ValueError, match="idle_worker_s"):
+            RayExecutor(idle_worker_s=bad)
+
+
+@pytest.mark.ray
 def test_ray_a_joined_executor_leaves_the_shared_ray_running(ray_executor):
     import ray
 
