@@ -71,10 +71,10 @@ def create_running(
     if not params:
         return []
     end = session.execute(
-        update(Study)
-        .where(Study.pk == study_pk)
-        .values(next_number=Study.next_number + len(params))
-        .returning(Study.next_number)
+        update(_S)
+        .where(_S.c.pk == study_pk)
+        .values(next_number=_S.c.next_number + len(params))
+        .returning(_S.c.next_number)
     ).scalar_one()
     now = utcnow()
     out = []
@@ -128,6 +128,7 @@ def _running(pk: int, lease: str) -> Any:
 # The scheduler's hot writes as prebuilt Core statements on the tables: SQLAlchemy then reuses
 # their compiled form, and skips the ORM's bulk-update bookkeeping (matching objects in the
 # identity map), which cost more than the statements themselves.
+_S = cast(Table, Study.__table__)
 _T = cast(Table, Trial.__table__)
 _M = cast(Table, TrialMetric.__table__)
 _LEASED = (_T.c.pk == bindparam("b_pk")) & (_T.c.state == "running")
