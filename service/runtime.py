@@ -45,10 +45,11 @@ class StudyRuntime:
     raw_spec: dict[str, Any] = field(default_factory=dict)
     live: dict[int, optuna.trial.Trial] = field(default_factory=dict)
 
-    def refresh(self, study: Study) -> None:
-        if study.spec != self.raw_spec:
-            self.spec = StudySpec.model_validate(study.spec)
-            self.raw_spec = dict(study.spec)
+    def refresh(self, spec: dict[str, Any]) -> None:
+        """Take the stored ``spec`` as just read (re-validated only if it changed)."""
+        if spec != self.raw_spec:
+            self.spec = StudySpec.model_validate(spec)
+            self.raw_spec = dict(spec)
 
     def tell(self, number: int, state: str, values: list[float] | None) -> None:
         """Tell Optuna how trial ``number`` ended (a no-op if it is not live here)."""
@@ -70,9 +71,11 @@ class StudyRuntime:
         return otrial
 
 
-def rebuild(session: Session, study: Study) -> StudyRuntime:
-    """A runtime for ``study`` with every finished stored trial replayed into Optuna."""
-    spec = StudySpec.model_validate(study.spec)
+def rebuild(session: Session, study: Study, raw_spec: dict[str, Any] | None = None) -> StudyRuntime:
+    """A runtime for ``study`` with every finished stored trial replayed into Optuna;
+    ``raw_spec``: its stored spec if just read anew (default: ``study.spec``)."""
+    raw_spec = study.spec if raw_spec is None else raw_spec
+    spec = StudySpec.model_validate(raw_spec)
     ostudy = search.create_optuna_study(spec)
     dists = search.distributions(spec)
     rows = list(
@@ -99,7 +102,7 @@ def rebuild(session: Session, study: Study) -> StudyRuntime:
             )
         )
     ostudy.add_trials(frozen)
-    return StudyRuntime(spec, ostudy, study.id, dict(study.spec))
+    return StudyRuntime(spec, ostudy, study.id, dict(raw_spec))
 
 
 def _intermediate_values(curve: list[dict[str, Any]], spec: StudySpec) -> dict[int, float]:

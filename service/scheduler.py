@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from service import search
@@ -224,13 +224,14 @@ class Scheduler:
             except Exception:
                 log.exception("event hook failed")
 
-    def _runtime(self, session: Session, study: Study) -> StudyRuntime:
-        """The study's Optuna side, rebuilt from stored trials on first use."""
+    def _runtime(self, session: Session, study: Study, spec: dict[str, Any]) -> StudyRuntime:
+        """The study's Optuna side, rebuilt from stored trials on first use; ``spec`` is the
+        stored spec as just read (budgets may have been edited)."""
         runtime = self._runtimes.get(study.pk)
         if runtime is not None and runtime.study_id == study.id:
-            runtime.refresh(study)  # budgets may have been edited
+            runtime.refresh(spec)
             return runtime
-        runtime = rebuild(session, study)
+        runtime = rebuild(session, study, spec)
         self._runtimes[study.pk] = runtime
         return runtime
 
@@ -267,21 +268,26 @@ class Scheduler:
         try:
             with self.db.write() as session:
                 # Locked (PostgreSQL; SQLite's BEGIN IMMEDIATE serializes writers): a pause,
-                # cancel or budget edit committing meanwhile is seen here, and the status
-                # written below cannot overwrite it.
-                fresh = session.get(Study, study.pk, with_for_update=True)
-                if fresh is None or fresh.status not in ACTIVE_STATUSES:
+                # cancel, enqueue or budget edit committing meanwhile is seen here, and the
+                # status written below cannot overwrite it. Only what others change is read
+                # (no ORM object: loading one cost more than the statement).
+                locked = session.execute(
+                    select(Study.status, Study.next_number, Study.spec)
+                    .where(Study.pk == study.pk)
+                    .with_for_update()
+                ).first()
+                if locked is None or locked.status not in ACTIVE_STATUSES:
                     return
-                runtime = self._runtime(session, fresh)
-                has_waiting |= fresh.next_number != study.next_number
-                outcome = self._claim_starts(session, fresh, runtime, starts, asked, has_waiting)
-                if outcome == "completed":
-                    fresh.status, fresh.finished_at = "completed", utcnow()
-                    completed = True
-                else:
-                    completed = False
-                if starts and fresh.status == "queued":
-                    fresh.status, fresh.started_at = "running", utcnow()
+                runtime = self._runtime(session, study, locked.spec)
+                has_waiting |= locked.next_number != study.next_number
+                outcome = self._claim_starts(
+                    session, study, runtime, starts, asked, has_waiting, locked.next_number
+                )
+                completed = outcome == "completed"
+                if completed:
+                    _set_study(session, study.pk, status="completed", finished_at=utcnow())
+                elif starts and locked.status == "queued":
+                    _set_study(session, study.pk, status="running", started_at=utcnow())
         except Exception:
             if runtime is not None:
                 for otrial in asked:  # nothing started: an asked Optuna trial must not dangle
@@ -290,7 +296,7 @@ class Scheduler:
         if completed:
             self._emit(study.id, {"type": "study", "status": "completed"})
         for start in starts:
-            self._submit(fresh, runtime, start)
+            self._submit(study, runtime, start)
 
     def _claim_starts(
         self,
@@ -299,16 +305,18 @@ class Scheduler:
         runtime: StudyRuntime,
         starts: list[_Start],
         asked: list[optuna.trial.Trial],
-        has_waiting: bool = True,
+        has_waiting: bool,
+        next_number: int,
     ) -> str | None:
         """Claim or create the trials ``study`` can start now into ``starts`` (every Optuna
         trial created on the way goes into ``asked`` at once, so a failed transaction can fail
         them); returns ``"completed"`` when the study has nothing left to run. The waiting
-        trials are read if ``has_waiting`` or before completing the study (under its lock)."""
+        trials are read if ``has_waiting`` or before completing the study (under its lock);
+        ``next_number`` is the study's, read under that lock."""
         budget = runtime.spec.budget
         in_flight = self._in_flight(study.pk)
         timed_out = _timed_out(study, budget.timeout_s)
-        exhausted = timed_out or study.next_number >= budget.n_trials
+        exhausted = timed_out or next_number >= budget.n_trials
         waiting: list[Trial] = []
         if has_waiting or (in_flight == 0 and exhausted):
             waiting = list(
@@ -336,7 +344,7 @@ class Scheduler:
                     starts.append(
                         _Start(trial.pk, trial.number, trial.attempts, lease, trial.params, otrial)
                     )
-            elif not timed_out and study.next_number + len(new_params) < budget.n_trials:
+            elif not timed_out and next_number + len(new_params) < budget.n_trials:
                 otrial = runtime.optuna_study.ask()
                 asked.append(otrial)
                 new_params.append((otrial, search.suggest_params(otrial, runtime.spec)))
@@ -486,20 +494,22 @@ class Scheduler:
         return after, view
 
     def _store_batch(self, session: Session, todo: list[tuple[Run, ExecutorEvent]]) -> list[Action]:
-        """Store ``todo`` with as few statements as its kinds allow: every report of the batch
-        in two (:func:`trials.record_reports`), then each terminal event. Per run, the order
-        of its events is kept: a run's terminal event is its last, and it is stored after
-        the run's reports."""
+        """Store ``todo`` with as few statements as its kinds allow: every start of the batch
+        in one, every report in two (:func:`trials.record_reports`), then each terminal
+        event. Per run, the order of its events is kept: a run's terminal event is its last,
+        and it is stored after the run's start and reports."""
         after: list[Action] = []
+        started: list[tuple[int, str, dict[str, Any]]] = []
         reports: list[tuple[Run, ExecutorEvent]] = []
         ends: list[tuple[Run, ExecutorEvent]] = []
         for run, event in todo:
             if event.kind == "started":
-                after.extend(self._on_started(session, run, event))
+                started.append(_started(run, event))
             elif event.kind == "report":
                 reports.append((run, event))
             else:
                 ends.append((run, event))
+        trials.record_started(session, started)
         if reports:
             runs = {(run.trial_pk, run.lease): run for run, _ in reports}
             stored = trials.record_reports(session, [_report(run, e) for run, e in reports])
@@ -509,7 +519,7 @@ class Scheduler:
         return after
 
     def _on_started(self, session: Session, run: Run, event: ExecutorEvent) -> list[Action]:
-        trials.record_started(session, run.trial_pk, run.lease, event.payload.get("env", {}))
+        trials.record_started(session, [_started(run, event)])
         return []
 
     def _on_report(self, session: Session, run: Run, event: ExecutorEvent) -> list[Action]:
@@ -639,6 +649,14 @@ class Scheduler:
 
 class _HandlerError(Exception):
     """A handler raised while storing a batch of events without savepoints."""
+
+
+def _set_study(session: Session, pk: int, **values: Any) -> None:
+    session.execute(update(Study).where(Study.pk == pk).values(**values))
+
+
+def _started(run: Run, event: ExecutorEvent) -> tuple[int, str, dict[str, Any]]:
+    return run.trial_pk, run.lease, dict(event.payload.get("env", {}))
 
 
 def _report(run: Run, event: ExecutorEvent) -> trials.Report:

@@ -168,9 +168,15 @@ def _cas(session: Session, statement: Any, pk: int, lease: str, **params: Any) -
     return cast(CursorResult[Any], result).rowcount == 1
 
 
-def record_started(session: Session, pk: int, lease: str, env: dict[str, Any]) -> bool:
-    """Where the attempt runs (node, device, versions), under its lease."""
-    return _cas(session, _STARTED, pk, lease, b_env=env)
+def record_started(session: Session, started: Sequence[tuple[int, str, dict[str, Any]]]) -> None:
+    """Where attempts run (node, device, versions): ``(pk, lease, env)`` each, stored under
+    the lease (a stale one changes nothing) in one executemany whatever their number."""
+    if started:
+        now = utcnow()
+        rows = [
+            {"b_pk": pk, "b_lease": lease, "b_env": env, "b_now": now} for pk, lease, env in started
+        ]
+        session.execute(_STARTED, rows)
 
 
 @dataclass(frozen=True)

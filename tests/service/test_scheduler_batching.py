@@ -166,7 +166,9 @@ def test_a_burst_of_events_of_several_trials_is_one_transaction(db, tmp_path, co
     ]
 
 
-def test_the_reports_of_a_burst_cost_two_statements_whatever_their_number(db, tmp_path, statements):
+def test_the_starts_and_reports_of_a_burst_cost_three_statements_whatever_their_number(
+    db, tmp_path, statements
+):
     scheduler, executor, study = make(db, tmp_path)
     scheduler.run_pass()
     for run_id in executor.submitted:
@@ -175,7 +177,8 @@ def test_the_reports_of_a_burst_cost_two_statements_whatever_their_number(db, tm
     scheduler.run_pass()
     metric_writes = [s for s in statements if s.lstrip().upper().startswith("INSERT INTO TRIAL_M")]
     heartbeats = [s for s in statements if "heartbeat_at" in s and "lease_token) IN" in s]
-    assert len(metric_writes) == 1 and len(heartbeats) == 1
+    starts = [s for s in statements if s.startswith("UPDATE trials SET") and "env=" in s]
+    assert len(metric_writes) == 1 and len(heartbeats) == 1 and len(starts) == 1
     with db.read() as s:
         assert s.execute(select(TrialMetric)).scalars().all().__len__() == 12
     assert [t.state for t in trials_of(db, study)][:3] == ["complete"] * 3
