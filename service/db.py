@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from sqlalchemy import JSON, MetaData, create_engine, event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 NAMING = {
@@ -36,8 +36,10 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
-    """An engine for ``url`` with the settings each backend needs."""
+def make_engine(url: str, *, pre_ping: bool = True, **kwargs: Any) -> Engine:
+    """An engine for ``url`` with the settings each backend needs. ``pre_ping`` checks a
+    pooled server connection before each use (a round trip per transaction): right for
+    request handlers, which cannot retry, wasted on a loop that retries a failed pass."""
     if url.startswith("sqlite"):
         engine = create_engine(
             url, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs
@@ -59,7 +61,8 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, **kwargs)
+    options: dict[str, Any] = {"pool_size": 10, "max_overflow": 20, **kwargs}
+    return create_engine(url, pool_pre_ping=pre_ping, **options)
 
 
 class Database:
@@ -67,10 +70,11 @@ class Database:
     change something (``BEGIN IMMEDIATE`` on SQLite). Both commit on success and roll back on
     error; ``expire_on_commit=False`` so returned objects stay readable after the block."""
 
-    def __init__(self, url: str, **engine_kwargs: Any) -> None:
+    def __init__(self, url: str, *, pre_ping: bool = True, **engine_kwargs: Any) -> None:
         self.url = url
-        self.engine = make_engine(url, **engine_kwargs)
+        self.engine = make_engine(url, pre_ping=pre_ping, **engine_kwargs)
         self.is_sqlite = url.startswith("sqlite")
+        self.is_postgres = url.startswith("postgresql")
         self._reader = sessionmaker(self.engine, expire_on_commit=False)
         writer_engine = (
             self.engine.execution_options(sqlite_immediate=True) if self.is_sqlite else self.engine
@@ -86,6 +90,22 @@ class Database:
     def write(self) -> Iterator[Session]:
         with self._writer() as session, session.begin():
             yield session
+
+    @contextmanager
+    def autocommit(self) -> Iterator[Connection]:
+        """A connection where each statement commits on its own: one round trip for a write
+        that is a single statement, instead of BEGIN, the statement and COMMIT."""
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            yield conn
+
+    def dedicated(self) -> Database:
+        """A second handle on the same database for one thread that retries its own failures
+        (the scheduler): a small pool without the pre-use ping. A connection the server
+        dropped fails one transaction, SQLAlchemy discards it as disconnected, and the retry
+        gets a fresh one."""
+        if self.is_sqlite:
+            return Database(self.url)
+        return Database(self.url, pre_ping=False, pool_size=1, max_overflow=2)
 
     def dispose(self) -> None:
         self.engine.dispose()

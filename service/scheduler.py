@@ -107,7 +107,7 @@ class Scheduler:
         batch_s: float = 0.0,
         git_revision: str | None = None,
     ) -> None:
-        self.db = db
+        self.db = db.dedicated()  # its own connections, no ping per transaction; see stop()
         self.executor = executor
         self.checkpoint_root = Path(checkpoint_root)
         self.tick_s = tick_s
@@ -157,6 +157,7 @@ class Scheduler:
                 trials.release(session, run.trial_pk, run.lease, "interrupted: the server stopped")
         self._runs.clear()
         self.executor.shutdown()
+        self.db.dispose()
 
     @property
     def in_flight(self) -> int:
@@ -262,6 +263,8 @@ class Scheduler:
         pass's view saw no waiting trial) skips reading the waiting trials unless a trial was
         enqueued since the view was read (the study's ``next_number`` moved): only enqueues
         and the scheduler's own releases, which the view sees, make trials wait."""
+        if not has_waiting and self._fill_fast(study):
+            return
         starts: list[_Start] = []
         asked: list[optuna.trial.Trial] = []  # Optuna trials this call created
         runtime: StudyRuntime | None = None
@@ -297,6 +300,54 @@ class Scheduler:
             self._emit(study.id, {"type": "study", "status": "completed"})
         for start in starts:
             self._submit(study, runtime, start)
+
+    def _fill_fast(self, study: Study) -> bool:
+        """The commonest fill -- new sampler trials for a study whose stored spec the runtime
+        already holds -- as one autocommitted statement on PostgreSQL, conditional on the study
+        row being as the pass's view read it (:func:`trials.create_running_if_unchanged`).
+        Returns False, having written nothing, whenever the locking path must decide: another
+        backend, a study not yet or no longer as the runtime knows it, one that may complete or
+        time out, or a row that changed since the view (a pause, an edit, an enqueue)."""
+        runtime = self._runtimes.get(study.pk)
+        if (
+            not self.db.is_postgres
+            or runtime is None
+            or runtime.study_id != study.id
+            or runtime.raw_spec != study.spec
+        ):
+            return False
+        budget = runtime.spec.budget
+        if _timed_out(study, budget.timeout_s):
+            return False
+        room = min(
+            budget.max_parallel - self._in_flight(study.pk), budget.n_trials - study.next_number
+        )
+        resources = Resources(runtime.spec.resources.cpus, runtime.spec.resources.gpus)
+        planned: list[Resources] = []
+        while len(planned) < room and self._fits(resources, planned):
+            planned.append(resources)
+        if not planned:
+            return False
+        asked: list[optuna.trial.Trial] = []
+        created = None
+        try:
+            params = []
+            for _ in planned:
+                asked.append(runtime.optuna_study.ask())
+                params.append(search.suggest_params(asked[-1], runtime.spec))
+            with self.db.autocommit() as conn:
+                created = trials.create_running_if_unchanged(
+                    conn, study_pk=study.pk, seen=study.updated_at, params=params
+                )
+        finally:
+            if created is None:  # nothing started: an asked Optuna trial must not dangle
+                for otrial in asked:
+                    runtime.optuna_study.tell(otrial, state=optuna.trial.TrialState.FAIL)
+        if created is None:
+            return False
+        for otrial, trial_params, (pk, number, lease) in zip(asked, params, created, strict=True):
+            self._submit(study, runtime, _Start(pk, number, 1, lease, trial_params, otrial))
+        return True
 
     def _claim_starts(
         self,

@@ -9,8 +9,10 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from sqlalchemy import event, select
+from sqlalchemy import event, select, text
+from sqlalchemy.engine import Engine
 
+from service import migrate
 from service.db import Database
 from service.scheduler import Scheduler
 from service.studies import lifecycle
@@ -68,32 +70,37 @@ class ManualExecutor:
 
 
 @pytest.fixture
-def commits(db: Database, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the write transactions the database committed (reads are not counted)."""
+def commits(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the write transactions committed through any :class:`Database` -- the
+    scheduler writes through its own (:meth:`Database.dedicated`) -- a connection in
+    autocommit counting as one; reads are not counted."""
     seen: list[int] = []
-    real_write = db.write
 
-    @contextmanager
-    def counted() -> Iterator[Any]:
-        with real_write() as session:
-            yield session
-        seen.append(1)
+    def counting(real: Callable[[Database], Any]) -> Callable[[Database], Any]:
+        @contextmanager
+        def counted(self: Database) -> Iterator[Any]:
+            with real(self) as handle:
+                yield handle
+            seen.append(1)
 
-    monkeypatch.setattr(db, "write", counted)
+        return counted
+
+    monkeypatch.setattr(Database, "write", counting(Database.write))
+    monkeypatch.setattr(Database, "autocommit", counting(Database.autocommit))
     return seen
 
 
 @pytest.fixture
-def statements(db: Database) -> Iterator[list[str]]:
-    """The SQL statements the database ran, as sent (one entry per executemany)."""
+def statements() -> Iterator[list[str]]:
+    """The SQL statements any engine ran, as sent (one entry per executemany)."""
     seen: list[str] = []
 
     def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         seen.append(statement)
 
-    event.listen(db.engine, "before_cursor_execute", record)
+    event.listen(Engine, "before_cursor_execute", record)
     yield seen
-    event.remove(db.engine, "before_cursor_execute", record)
+    event.remove(Engine, "before_cursor_execute", record)
 
 
 def make(db: Database, tmp_path: Any, n_trials: int = 6, parallel: int = 3) -> tuple:
@@ -207,7 +214,7 @@ def test_events_whose_transaction_failed_are_stored_on_the_next_pass(
     run_id = next(iter(executor.submitted))
     executor.finish(run_id, 0.75)
 
-    real_write = db.write
+    real_write = scheduler.db.write
     calls = {"n": 0}
 
     def failing_write() -> Any:
@@ -216,7 +223,7 @@ def test_events_whose_transaction_failed_are_stored_on_the_next_pass(
             raise RuntimeError("database went away")
         return real_write()
 
-    monkeypatch.setattr(db, "write", failing_write)
+    monkeypatch.setattr(scheduler.db, "write", failing_write)
     scheduler.run_pass()
     assert "retrying next pass" in caplog.text
     assert trials_of(db, study)[0].state == "running"  # nothing stored, nothing acted on
@@ -226,6 +233,32 @@ def test_events_whose_transaction_failed_are_stored_on_the_next_pass(
     row = trials_of(db, study)[0]
     assert row.state == "complete" and row.value == 0.75 and row.attempts == 1
     assert scheduler._runtimes[study.pk].optuna_study.get_trials()[0].value == 0.75
+
+
+@pytest.mark.postgres
+def test_a_connection_the_server_dropped_costs_one_transaction_not_the_events(
+    pg_schema_url, tmp_path
+):
+    """The scheduler's handle has no pre-use ping: a dropped connection fails the pass's first
+    transaction, SQLAlchemy discards it, and the events are stored on a new connection."""
+    migrate.upgrade(pg_schema_url)
+    db = Database(pg_schema_url)
+    try:
+        scheduler, executor, study = make(db, tmp_path)
+        scheduler.run_pass()
+        with scheduler.db.read() as s:  # a pool of one: the scheduler's own connection
+            pid = s.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        with db.write() as s:
+            assert s.execute(text("SELECT pg_terminate_backend(:pid, 5000)"), {"pid": pid}).scalar()
+        run_id = next(iter(executor.submitted))
+        executor.finish(run_id, 0.75)
+        scheduler.run_pass()
+        row = trials_of(db, study)[0]
+        assert row.state == "complete" and row.value == 0.75
+        with scheduler.db.read() as s:
+            assert s.execute(text("SELECT pg_backend_pid()")).scalar_one() != pid
+    finally:
+        db.dispose()
 
 
 def test_a_study_completes_once_its_last_trials_are_stored(db, tmp_path):
@@ -309,3 +342,66 @@ def test_a_trial_enqueued_after_the_pass_read_its_view_still_starts_first(db, tm
     first = min(executor.submitted.values(), key=lambda spec: spec.trial_number)
     assert first.trial_number == trial.number == 0
     assert [t.state for t in trials_of(db, study)] == ["running"] * 3
+
+
+def _one_trial_done_and_viewed(db: Database, tmp_path: Any) -> tuple:
+    """A study whose runtime the scheduler holds, one of its three trials finished and
+    stored, and the study row as the next pass's view reads it: a slot to refill."""
+    scheduler, executor, study = make(db, tmp_path)
+    scheduler.run_pass()
+    executor.finish(next(iter(executor.submitted)), 0.5)
+    scheduler._handle_events(executor.drain())
+    with db.read() as s:
+        as_the_view_saw_it = s.get(Study, study.pk)
+    return scheduler, executor, study, as_the_view_saw_it
+
+
+@pytest.mark.postgres
+def test_on_postgresql_a_refill_is_one_statement_without_a_lock(pg_schema_url, tmp_path):
+    migrate.upgrade(pg_schema_url)
+    db = Database(pg_schema_url)
+    seen: list[str] = []
+    try:
+        scheduler, executor, study, viewed = _one_trial_done_and_viewed(db, tmp_path)
+        event.listen(scheduler.db.engine, "before_cursor_execute", lambda *a: seen.append(a[2]))
+        scheduler._fill_study(viewed, has_waiting=False)
+        assert len(seen) == 1 and "WITH s AS (" in seen[0] and "FOR UPDATE" not in seen[0]
+        assert len(executor.submitted) == 4
+        rows = trials_of(db, study)
+        assert [(t.number, t.state, t.attempts) for t in rows][3] == (3, "running", 1)
+        assert rows[3].lease_token == executor.submitted["run-3-1"].lease_token
+        with db.read() as s:
+            assert s.get(Study, study.pk).next_number == 4
+    finally:
+        db.dispose()
+
+
+def test_a_trial_enqueued_after_the_view_starts_before_new_ones_on_a_refill(db, tmp_path):
+    scheduler, executor, study, viewed = _one_trial_done_and_viewed(db, tmp_path)
+    trial = lifecycle.enqueue(db, owner="local", study_id=study.id, params={"lr": 0.01})
+    scheduler._fill_study(viewed, has_waiting=False)
+    assert executor.submitted[f"run-{trial.number}-1"].config["lr"] == 0.01
+    assert len(executor.submitted) == 4
+    assert [t.state for t in trials_of(db, study)] == ["complete"] + ["running"] * 3
+
+
+def test_a_pause_committed_after_the_view_starts_nothing(db, tmp_path):
+    scheduler, executor, study, viewed = _one_trial_done_and_viewed(db, tmp_path)
+    lifecycle.pause(db, owner="local", study_id=study.id)
+    scheduler._fill_study(viewed, has_waiting=False)
+    assert len(executor.submitted) == 3
+    with db.read() as s:
+        row = s.get(Study, study.pk)
+        assert row.status == "paused" and row.next_number == 3
+    runtime = scheduler._runtimes[study.pk]
+    running = [t for t in runtime.optuna_study.get_trials() if t.state.name == "RUNNING"]
+    assert len(running) == 2  # the trials in flight; nothing asked for the refill dangles
+
+
+def test_a_budget_cut_committed_after_the_view_starts_nothing_beyond_it(db, tmp_path):
+    scheduler, executor, study, viewed = _one_trial_done_and_viewed(db, tmp_path)
+    cut = lifecycle.StudyPatch.model_validate({"budget": {"n_trials": 3}})
+    lifecycle.patch(db, owner="local", study_id=study.id, changes=cut)
+    scheduler._fill_study(viewed, has_waiting=False)
+    assert len(executor.submitted) == 3
+    assert len(trials_of(db, study)) == 3
