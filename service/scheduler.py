@@ -546,9 +546,9 @@ class Scheduler:
 
     def _store_batch(self, session: Session, todo: list[tuple[Run, ExecutorEvent]]) -> list[Action]:
         """Store ``todo`` with as few statements as its kinds allow: every start of the batch
-        in one, every report in two (:func:`trials.record_reports`), then each terminal
-        event. Per run, the order of its events is kept: a run's terminal event is its last,
-        and it is stored after the run's start and reports."""
+        in one, every report in two (:func:`trials.record_reports`), every outcome in one
+        (:meth:`_end_batch`). Per run, the order of its events is kept: a run's terminal
+        event is its last, and it is stored after the run's start and reports."""
         after: list[Action] = []
         started: list[tuple[int, str, dict[str, Any]]] = []
         reports: list[tuple[Run, ExecutorEvent]] = []
@@ -565,8 +565,7 @@ class Scheduler:
             runs = {(run.trial_pk, run.lease): run for run, _ in reports}
             stored = trials.record_reports(session, [_report(run, e) for run, e in reports])
             after.extend(self._reported(runs[(r.pk, r.lease)], r.epoch, r.metrics) for r in stored)
-        for run, event in ends:
-            after.extend(getattr(self, f"_on_{event.kind}")(session, run, event))
+        after.extend(self._end_batch(session, ends))
         return after
 
     def _on_started(self, session: Session, run: Run, event: ExecutorEvent) -> list[Action]:
@@ -604,18 +603,28 @@ class Scheduler:
             run.stop_reason = "pruned"
             self.executor.cancel(run.run_id)
 
+    # A terminal event is decided first -- the outcome to record, or the actions of a run
+    # handed back to ``waiting`` -- then recorded: one event alone (``_on_<kind>``, the
+    # savepoint path) or with the rest of its pass (:meth:`_end_batch`).
     def _on_result(self, session: Session, run: Run, event: ExecutorEvent) -> list[Action]:
+        return self._end_one(session, run, self._decide_result(session, run, event))
+
+    def _on_failed(self, session: Session, run: Run, event: ExecutorEvent) -> list[Action]:
+        return self._end_one(session, run, self._decide_failed(session, run, event))
+
+    def _on_cancelled(self, session: Session, run: Run, event: ExecutorEvent) -> list[Action]:
+        return self._end_one(session, run, self._decide_cancelled(session, run, event))
+
+    def _decide_result(self, session: Session, run: Run, event: ExecutorEvent) -> _Decision:
         runtime = self._runtimes[run.study_pk]
         metrics = dict(event.payload.get("metrics", {}))
         values = search.objective_values(runtime.spec, metrics)
         if values is None:
             names = [o.metric for o in runtime.spec.objectives]
-            outcome = trials.Outcome("failed", metrics=metrics, error=f"objective {names} missing")
-        else:
-            outcome = trials.Outcome("complete", values[0], values, metrics)
-        return self._end(session, run, outcome)
+            return trials.Outcome("failed", metrics=metrics, error=f"objective {names} missing")
+        return trials.Outcome("complete", values[0], values, metrics)
 
-    def _on_failed(self, session: Session, run: Run, event: ExecutorEvent) -> list[Action]:
+    def _decide_failed(self, session: Session, run: Run, event: ExecutorEvent) -> _Decision:
         error = event.payload.get("traceback") or event.payload.get("error") or "unknown error"
         runtime = self._runtimes[run.study_pk]
         if event.retryable and run.attempt < runtime.spec.budget.max_attempts:
@@ -627,33 +636,53 @@ class Scheduler:
                 self._emit(run.study_id, {"type": "trial_retry", "number": run.number})
 
             return [retry]
-        outcome = trials.Outcome("failed", metrics=run.last_metrics or None, error=str(error))
-        return self._end(session, run, outcome)
+        return trials.Outcome("failed", metrics=run.last_metrics or None, error=str(error))
 
-    def _on_cancelled(self, session: Session, run: Run, event: ExecutorEvent) -> list[Action]:
+    def _decide_cancelled(self, session: Session, run: Run, event: ExecutorEvent) -> _Decision:
         if run.stop_reason == "pruned":
-            outcome = trials.Outcome(
+            return trials.Outcome(
                 "pruned",
                 run.last_value,
                 [run.last_value] if run.last_value is not None else None,
                 run.last_metrics,
             )
-        elif run.stop_reason == "timeout":
-            outcome = trials.Outcome(
+        if run.stop_reason == "timeout":
+            return trials.Outcome(
                 "failed", metrics=run.last_metrics or None, error="trial_timeout_s exceeded"
             )
-        elif run.stop_reason == "drain":
+        if run.stop_reason == "drain":
             trials.release(session, run.trial_pk, run.lease, "interrupted: the server stopped")
             run.ended = True
             return [lambda: self._forget(run)]
-        else:
-            outcome = trials.Outcome("cancelled", metrics=run.last_metrics or None)
-        return self._end(session, run, outcome)
+        return trials.Outcome("cancelled", metrics=run.last_metrics or None)
 
-    def _end(self, session: Session, run: Run, outcome: trials.Outcome) -> list[Action]:
-        """Record the outcome (once: compare-and-set on the lease); after the commit, tell
-        Optuna and the dashboard."""
-        recorded = trials.finish(session, run.trial_pk, run.lease, outcome)
+    def _end_one(self, session: Session, run: Run, decided: _Decision) -> list[Action]:
+        if not isinstance(decided, trials.Outcome):
+            return decided
+        recorded = trials.finish(session, run.trial_pk, run.lease, decided)
+        return self._ended(session, run, decided, recorded)
+
+    def _end_batch(self, session: Session, ends: list[tuple[Run, ExecutorEvent]]) -> list[Action]:
+        """Record the terminal events of a pass: every outcome in one compare-and-set
+        (:func:`trials.finish_many`), then the failure count for the failed ones."""
+        after: list[Action] = []
+        outcomes: list[tuple[Run, trials.Outcome]] = []
+        for run, event in ends:
+            decided = getattr(self, f"_decide_{event.kind}")(session, run, event)
+            if isinstance(decided, trials.Outcome):
+                outcomes.append((run, decided))
+            else:
+                after.extend(decided)
+        recorded = trials.finish_many(session, [(r.trial_pk, r.lease, o) for r, o in outcomes])
+        for run, outcome in outcomes:
+            after.extend(self._ended(session, run, outcome, (run.trial_pk, run.lease) in recorded))
+        return after
+
+    def _ended(
+        self, session: Session, run: Run, outcome: trials.Outcome, recorded: bool
+    ) -> list[Action]:
+        """After an outcome's compare-and-set (``recorded``: it took; once only, on the
+        lease): the study's failure count, then, after the commit, Optuna and the dashboard."""
         study_failed = (
             recorded and outcome.state == "failed" and self._too_many_failures(session, run)
         )
@@ -696,6 +725,9 @@ class Scheduler:
     def _forget(self, run: Run) -> None:
         self._runs.pop(run.run_id, None)
         self._wake.set()
+
+
+_Decision = trials.Outcome | list[Action]  # what a terminal event comes to: see _end_batch
 
 
 class _HandlerError(Exception):

@@ -326,6 +326,46 @@ def finish(session: Session, pk: int, lease: str, outcome: Outcome) -> bool:
     )
 
 
+# Every result of a scheduler pass in one compare-and-set (PostgreSQL; see finish_many).
+_FINISH_MANY = text(
+    """
+    UPDATE trials SET state = v.state, value = v.value, "values" = v."values",
+        metrics = v.metrics, error = v.error, lease_token = NULL, finished_at = :now
+    FROM json_to_recordset(CAST(:rows AS json)) AS v(
+        pk integer, lease text, state text, value double precision, "values" json,
+        metrics json, error text)
+    WHERE trials.pk = v.pk AND trials.state = 'running' AND trials.lease_token = v.lease
+    RETURNING trials.pk, v.lease
+    """
+)
+
+
+def finish_many(session: Session, ends: Sequence[tuple[int, str, Outcome]]) -> set[tuple[int, str]]:
+    """:func:`finish` for several attempts, ``(pk, lease, outcome)`` each; returns the
+    ``(pk, lease)`` pairs recorded (a stale lease's outcome is dropped, as :func:`finish`
+    drops it). On PostgreSQL one ``UPDATE ... FROM json_to_recordset(...) RETURNING``
+    whatever their number -- a pass often ends several trials, and each statement is a
+    round trip; on SQLite, where a statement costs none, one :func:`finish` each."""
+    if not ends:
+        return set()
+    if session.get_bind().dialect.name != "postgresql":
+        return {(pk, lease) for pk, lease, outcome in ends if finish(session, pk, lease, outcome)}
+    rows = [
+        {
+            "pk": pk,
+            "lease": lease,
+            "state": o.state,
+            "value": o.value,
+            "values": o.values,
+            "metrics": o.metrics,
+            "error": o.error,
+        }
+        for pk, lease, o in ends
+    ]
+    found = session.execute(_FINISH_MANY, {"now": utcnow(), "rows": json.dumps(rows)})
+    return {(pk, lease) for pk, lease in found}
+
+
 def release(session: Session, pk: int, lease: str, error: str | None = None) -> bool:
     """Give a running attempt up without ending the trial: it waits for its next attempt."""
     return bool(

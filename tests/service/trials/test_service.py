@@ -179,3 +179,35 @@ def test_a_created_running_trial_takes_reports_and_its_result_under_its_lease(db
         row = s.get(Trial, pk)
         assert row.state == "complete" and row.lease_token is None and row.value == 0.5
         assert [m.epoch for m in s.execute(select(TrialMetric)).scalars()] == [1]
+
+
+def test_finish_many_records_each_outcome_once_and_drops_stale_leases(db):
+    study = _study(db)
+    with db.write() as s:
+        made = trials.create_running(
+            s, study_pk=study.pk, params=[{"t": float(i)} for i in range(4)]
+        )
+    (a, _, lease_a), (b, _, lease_b), (c, _, lease_c), (d, _, _) = made
+    with db.write() as s:
+        assert trials.finish(s, c, lease_c, trials.Outcome("cancelled"))  # ended before
+        assert trials.release(s, d, made[3][2])  # handed back: its lease is gone
+    ends = [
+        (a, lease_a, trials.Outcome("complete", 0.5, [0.5], {"val_accuracy": 0.5, "tag": "x"})),
+        (b, lease_b, trials.Outcome("failed", metrics=None, error="Traceback: boom")),
+        (c, lease_c, trials.Outcome("complete", 0.9, [0.9], {"val_accuracy": 0.9})),
+        (d, made[3][2], trials.Outcome("complete", 0.1, [0.1], {})),
+    ]
+    with db.write() as s:
+        assert trials.finish_many(s, ends) == {(a, lease_a), (b, lease_b)}
+    with db.write() as s:
+        assert trials.finish_many(s, ends) == set()  # a duplicate is a no-op
+        assert trials.finish_many(s, []) == set()
+    with db.read() as s:
+        rows = {pk: s.get(Trial, pk) for pk in (a, b, c, d)}
+    assert (rows[a].state, rows[a].value, rows[a].values) == ("complete", 0.5, [0.5])
+    assert rows[a].metrics == {"val_accuracy": 0.5, "tag": "x"} and rows[a].lease_token is None
+    assert rows[a].finished_at is not None and rows[a].error is None
+    assert (rows[b].state, rows[b].value, rows[b].error) == ("failed", None, "Traceback: boom")
+    assert rows[b].values is None and rows[b].metrics is None
+    assert (rows[c].state, rows[c].value) == ("cancelled", None)
+    assert (rows[d].state, rows[d].value) == ("waiting", None)
