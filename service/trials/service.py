@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, Table, bindparam, func, insert, select, text, tuple_, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
@@ -212,18 +212,48 @@ _FINISH = (
     )
 )
 _INSERT_RUNNING = insert(_T).returning(_T.c.pk, sort_by_parameter_order=True)
-_UPSERTS: dict[str, Any] = {}
+_SQLITE_INSERT_METRIC = sqlite.insert(_M)
+_UPSERT_METRIC_SQLITE = _SQLITE_INSERT_METRIC.on_conflict_do_update(
+    index_elements=[_M.c.trial_pk, _M.c.epoch],
+    set_={
+        "attempt": _SQLITE_INSERT_METRIC.excluded.attempt,
+        "metrics": _SQLITE_INSERT_METRIC.excluded.metrics,
+    },
+)
 
 
-def _upsert_metric(dialect: str) -> Any:
-    """``INSERT ... ON CONFLICT (trial_pk, epoch) DO UPDATE`` for this dialect, built once."""
-    if dialect not in _UPSERTS:
-        stmt = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(_M)
-        _UPSERTS[dialect] = stmt.on_conflict_do_update(
-            index_elements=[_M.c.trial_pk, _M.c.epoch],
-            set_={"attempt": stmt.excluded.attempt, "metrics": stmt.excluded.metrics},
-        )
-    return _UPSERTS[dialect]
+# On PostgreSQL the scheduler's batch writes take their rows as one JSON parameter
+# (``json_to_recordset``): one statement, one round trip and one compiled form whatever the
+# number of rows, where an executemany goes through psycopg's pipeline machinery per batch.
+_STARTED_PG = text(
+    """
+    UPDATE trials SET env = v.env, heartbeat_at = :now
+    FROM json_to_recordset(CAST(:rows AS json)) AS v(pk integer, lease text, env json)
+    WHERE trials.pk = v.pk AND trials.state = 'running' AND trials.lease_token = v.lease
+    """
+)
+_BEAT_PG = text(
+    """
+    UPDATE trials SET heartbeat_at = :now
+    FROM json_to_recordset(CAST(:rows AS json)) AS v(pk integer, lease text)
+    WHERE trials.pk = v.pk AND trials.state = 'running' AND trials.lease_token = v.lease
+    RETURNING trials.pk, trials.lease_token
+    """
+)
+_UPSERT_METRICS_PG = text(
+    """
+    INSERT INTO trial_metrics (trial_pk, epoch, attempt, metrics, created_at)
+    SELECT v.trial_pk, v.epoch, v.attempt, v.metrics, :now
+    FROM json_to_recordset(CAST(:rows AS json))
+        AS v(trial_pk integer, epoch integer, attempt integer, metrics json)
+    ON CONFLICT (trial_pk, epoch) DO UPDATE
+        SET attempt = excluded.attempt, metrics = excluded.metrics
+    """
+)
+
+
+def _on_postgres(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
 
 
 def _cas(session: Session, statement: Any, pk: int, lease: str, **params: Any) -> bool:
@@ -234,13 +264,18 @@ def _cas(session: Session, statement: Any, pk: int, lease: str, **params: Any) -
 
 def record_started(session: Session, started: Sequence[tuple[int, str, dict[str, Any]]]) -> None:
     """Where attempts run (node, device, versions): ``(pk, lease, env)`` each, stored under
-    the lease (a stale one changes nothing) in one executemany whatever their number."""
-    if started:
-        now = utcnow()
-        rows = [
-            {"b_pk": pk, "b_lease": lease, "b_env": env, "b_now": now} for pk, lease, env in started
-        ]
-        session.execute(_STARTED, rows)
+    the lease (a stale one changes nothing) in one statement whatever their number."""
+    if not started:
+        return
+    now = utcnow()
+    if _on_postgres(session):
+        rows = [{"pk": pk, "lease": lease, "env": env} for pk, lease, env in started]
+        session.execute(_STARTED_PG, {"now": now, "rows": json.dumps(rows)})
+        return
+    params = [
+        {"b_pk": pk, "b_lease": lease, "b_env": env, "b_now": now} for pk, lease, env in started
+    ]
+    session.execute(_STARTED, params)
 
 
 @dataclass(frozen=True)
@@ -269,12 +304,17 @@ def record_reports(session: Session, reports: Sequence[Report]) -> list[Report]:
         return []
     now = utcnow()
     keys = sorted({(r.pk, r.lease) for r in reports})
-    beaten = session.execute(
-        update(_T)
-        .where(_T.c.state == "running", tuple_(_T.c.pk, _T.c.lease_token).in_(keys))
-        .values(heartbeat_at=now)
-        .returning(_T.c.pk, _T.c.lease_token)
-    )
+    postgres = _on_postgres(session)
+    if postgres:
+        rows_in = json.dumps([{"pk": pk, "lease": lease} for pk, lease in keys])
+        beaten = session.execute(_BEAT_PG, {"now": now, "rows": rows_in})
+    else:
+        beaten = session.execute(
+            update(_T)
+            .where(_T.c.state == "running", tuple_(_T.c.pk, _T.c.lease_token).in_(keys))
+            .values(heartbeat_at=now)
+            .returning(_T.c.pk, _T.c.lease_token)
+        )
     alive = {(pk, lease) for pk, lease in beaten}
     stored = [r for r in reports if (r.pk, r.lease) in alive]
     # The last report of an epoch wins, as it would one statement at a time.
@@ -284,12 +324,15 @@ def record_reports(session: Session, reports: Sequence[Report]) -> list[Report]:
             "epoch": r.epoch,
             "attempt": r.attempt,
             "metrics": r.metrics,
-            "created_at": now,
         }
         for r in stored
     }
-    if rows:
-        session.execute(_upsert_metric(session.get_bind().dialect.name), list(rows.values()))
+    if rows and postgres:
+        session.execute(_UPSERT_METRICS_PG, {"now": now, "rows": json.dumps(list(rows.values()))})
+    elif rows:
+        for row in rows.values():
+            row["created_at"] = now
+        session.execute(_UPSERT_METRIC_SQLITE, list(rows.values()))
     return stored
 
 
@@ -348,7 +391,7 @@ def finish_many(session: Session, ends: Sequence[tuple[int, str, Outcome]]) -> s
     round trip; on SQLite, where a statement costs none, one :func:`finish` each."""
     if not ends:
         return set()
-    if session.get_bind().dialect.name != "postgresql":
+    if not _on_postgres(session):
         return {(pk, lease) for pk, lease, outcome in ends if finish(session, pk, lease, outcome)}
     rows = [
         {

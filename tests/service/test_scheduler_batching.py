@@ -182,11 +182,14 @@ def test_the_starts_reports_and_outcomes_of_a_burst_cost_a_statement_each_whatev
         executor.finish(run_id, 0.5, epochs=4)  # three trials, twelve reports
     statements.clear()
     scheduler.run_pass()
-    metric_writes = [s for s in statements if s.lstrip().upper().startswith("INSERT INTO TRIAL_M")]
-    heartbeats = [s for s in statements if "heartbeat_at" in s and "lease_token) IN" in s]
-    starts = [s for s in statements if s.startswith("UPDATE trials SET") and "env=" in s]
+    sent = [" ".join(s.split()).replace(" = ", "=") for s in statements]
+    metric_writes = [s for s in sent if s.startswith("INSERT INTO trial_metrics")]
+    starts = [s for s in sent if s.startswith("UPDATE trials SET") and "env=" in s]
+    heartbeats = [
+        s for s in sent if s.startswith("UPDATE trials SET heartbeat_at=") and "env=" not in s
+    ]
     assert len(metric_writes) == 1 and len(heartbeats) == 1 and len(starts) == 1
-    outcomes = [s for s in statements if s.lstrip().startswith("UPDATE trials SET state")]
+    outcomes = [s for s in sent if s.startswith("UPDATE trials SET state")]
     assert len(outcomes) == (1 if db.is_postgres else 3)  # SQLite: no round trip to save
     with db.read() as s:
         assert s.execute(select(TrialMetric)).scalars().all().__len__() == 12

@@ -211,3 +211,18 @@ def test_finish_many_records_each_outcome_once_and_drops_stale_leases(db):
     assert rows[b].values is None and rows[b].metrics is None
     assert (rows[c].state, rows[c].value) == ("cancelled", None)
     assert (rows[d].state, rows[d].value) == ("waiting", None)
+
+
+def test_record_started_stores_where_each_attempt_runs_and_ignores_stale_leases(db):
+    study = _study(db)
+    with db.write() as s:
+        (a, _, lease_a), (b, _, lease_b) = trials.create_running(
+            s, study_pk=study.pk, params=[{"t": 1.0}, {"t": 2.0}]
+        )
+    env = {"node": "10.0.0.7", "device": "cuda:0", "versions": {"torch": "2.13.0"}}
+    with db.write() as s:
+        trials.record_started(s, [(a, lease_a, env), (b, "stale", {"node": "elsewhere"})])
+        trials.record_started(s, [])
+    with db.read() as s:
+        assert s.get(Trial, a).env == env
+        assert s.get(Trial, b).env is None and s.get(Trial, b).lease_token == lease_b
