@@ -13,21 +13,24 @@ them; short trials (``--short-s``) show how close to the ideal wall time
 (reports) per trial and the same parallelism, interleaved ``--repeats`` times (medians).
 Our wall time runs from the moment the server stored the study to the moment it marked it
 completed (the server's timestamps), so the client's polling is not in it; Optuna's is the
-time of ``study.optimize``.
+time of ``study.optimize``. The client that submits and polls is a child process, as a
+user's CLI or browser is: on a thread here it would hold the server's interpreter lock for
+its own HTTP work (``--client-in-process``: how this benchmark measured until 2026-12-03).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -39,6 +42,8 @@ import uvicorn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from study_client import submit_and_wait
+
 from service.app import create_app
 from service.settings import Settings
 from workers.executor import Resources
@@ -46,6 +51,7 @@ from workers.ray_executor import RayExecutor
 from workers.trial import TrialSpec
 
 PG_DEFAULT = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+CLIENT_IN_PROCESS = False  # --client-in-process
 
 
 def serve(database_url: str, root: Path, executor: RayExecutor) -> tuple[uvicorn.Server, str]:
@@ -74,25 +80,18 @@ def run_ours(url: str, trials: int, parallel: int, sleep_s: float, epochs: int) 
         "resources": {"cpus": 2.0 / parallel},
         "runner": {"name": "sleep", "sleep_s": sleep_s / epochs},
     }
-    # One client for the run: a bare httpx.get builds a new TLS context per call (tens of ms
-    # of CPU), which would be stolen from the server running in this same process.
-    with httpx.Client(base_url=url, timeout=30) as client:
-        return _submit_and_wait(client, spec, trials)
-
-
-def _submit_and_wait(client: httpx.Client, spec: dict[str, Any], trials: int) -> float:
-    study_id = client.post("/api/v1/studies", json=spec).json()["id"]
-    while True:
-        # Slow polling on purpose: the wall time comes from the server's own timestamps
-        # (stored -> completed), so the client's polling neither adds to it nor loads it.
-        status = client.get(f"/api/v1/studies/{study_id}").json()
-        if status["status"] in ("completed", "failed"):
-            break
-        time.sleep(0.25)
-    assert status["counts"] == {"complete": trials}, status
-    created = datetime.fromisoformat(status["created_at"])
-    finished = datetime.fromisoformat(status["finished_at"])
-    return (finished - created).total_seconds()
+    if CLIENT_IN_PROCESS:
+        # One client for the run: a bare httpx.get builds a new TLS context per call.
+        with httpx.Client(base_url=url, timeout=30) as client:
+            return submit_and_wait(client, spec, trials)
+    child = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("study_client.py")), url, str(trials)],
+        input=json.dumps(spec),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return float(child.stdout.strip().splitlines()[-1])
 
 
 class RayOnly:
@@ -195,7 +194,14 @@ def main() -> None:
         "--repeats", type=int, default=3, help="interleaved runs per cell; medians are printed"
     )
     parser.add_argument("--pg", default=os.environ.get("TSAM_TEST_DATABASE_URL", PG_DEFAULT))
+    parser.add_argument(
+        "--client-in-process",
+        action="store_true",
+        help="submit and poll from a thread of this process, not a child process",
+    )
     args = parser.parse_args()
+    global CLIENT_IN_PROCESS
+    CLIENT_IN_PROCESS = args.client_in_process
 
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     root = Path(tempfile.mkdtemp(prefix="tsam-bench-"))
