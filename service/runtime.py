@@ -17,7 +17,6 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service import search
-from service.studies.models import Study
 from service.studies.spec import StudySpec
 from service.trials import service as trials
 from service.trials.models import Trial
@@ -71,16 +70,17 @@ class StudyRuntime:
         return otrial
 
 
-def rebuild(session: Session, study: Study, raw_spec: dict[str, Any] | None = None) -> StudyRuntime:
-    """A runtime for ``study`` with every finished stored trial replayed into Optuna;
-    ``raw_spec``: its stored spec if just read anew (default: ``study.spec``)."""
-    raw_spec = study.spec if raw_spec is None else raw_spec
+def rebuild(
+    session: Session, study_pk: int, study_id: str, raw_spec: dict[str, Any]
+) -> StudyRuntime:
+    """A runtime for the study with every finished stored trial replayed into Optuna;
+    ``raw_spec`` is its stored spec as just read."""
     spec = StudySpec.model_validate(raw_spec)
     ostudy = search.create_optuna_study(spec)
     dists = search.distributions(spec)
     rows = list(
         session.execute(
-            select(Trial).where(Trial.study_pk == study.pk).order_by(Trial.number)
+            select(Trial).where(Trial.study_pk == study_pk).order_by(Trial.number)
         ).scalars()
     )
     curves = trials.intermediate(session, [t.pk for t in rows if t.state in OPTUNA_STATE])
@@ -102,7 +102,7 @@ def rebuild(session: Session, study: Study, raw_spec: dict[str, Any] | None = No
             )
         )
     ostudy.add_trials(frozen)
-    return StudyRuntime(spec, ostudy, study.id, dict(raw_spec))
+    return StudyRuntime(spec, ostudy, study_id, dict(raw_spec))
 
 
 def _intermediate_values(curve: list[dict[str, Any]], spec: StudySpec) -> dict[int, float]:
