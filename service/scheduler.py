@@ -218,13 +218,7 @@ class Scheduler:
     def _view(self, session: Session) -> _View:
         """The active studies (priority, then oldest first), which of them have a waiting
         trial, and the status of every study with a run in flight -- in two statements."""
-        has_waiting = (
-            select(_T.c.pk)
-            .where(_T.c.study_pk == _S.c.pk, _T.c.state == "waiting")
-            .exists()
-            .label("has_waiting")
-        )
-        rows = session.execute(_active_studies(has_waiting)).all()
+        rows = session.execute(_ACTIVE_STUDIES).all()
         studies = [ActiveStudy(*row[:-1]) for row in rows]
         waiting = {row.pk for row in rows if row.has_waiting}
         return _View(studies, waiting, self._run_statuses(session, studies))
@@ -749,15 +743,19 @@ _S = cast(Table, Study.__table__)
 _T = cast(Table, Trial.__table__)
 
 
-def _active_studies(has_waiting: Any) -> Any:
-    """The active studies' columns of :class:`ActiveStudy` (priority, then oldest first),
-    and whether each has a waiting trial."""
-    columns = [_S.c[f.name] for f in fields(ActiveStudy)]
-    return (
-        select(*columns, has_waiting)
-        .where(_S.c.status.in_(ACTIVE_STATUSES))
-        .order_by(_S.c.priority.desc(), _S.c.pk)
-    )
+# What a pass's view reads: the columns of ActiveStudy for every active study (priority, then
+# oldest first) and whether it has a waiting trial -- built once, as it runs on every pass.
+_HAS_WAITING = (
+    select(_T.c.pk)
+    .where(_T.c.study_pk == _S.c.pk, _T.c.state == "waiting")
+    .exists()
+    .label("has_waiting")
+)
+_ACTIVE_STUDIES = (
+    select(*[_S.c[f.name] for f in fields(ActiveStudy)], _HAS_WAITING)
+    .where(_S.c.status.in_(ACTIVE_STATUSES))
+    .order_by(_S.c.priority.desc(), _S.c.pk)
+)
 
 
 def _set_study(session: Session, pk: int, **values: Any) -> None:
