@@ -294,10 +294,11 @@ def record_reports(session: Session, reports: Sequence[Report]) -> list[Report]:
 
     Reports are the most frequent write, and one scheduler pass often holds a burst of them.
     One compare-and-set beats the heartbeat of every attempt still running under its lease
-    (``UPDATE ... WHERE (pk, lease_token) IN (...) RETURNING pk, lease_token``; the row
-    locks it takes keep those attempts running until the caller commits), then one
-    executemany upserts their reports on ``(trial_pk, epoch)`` -- a resumed attempt's report
-    of an epoch replaces the old one. Returns the reports stored: a stale lease's are
+    (``UPDATE ... RETURNING pk, lease_token`` over the ``(pk, lease)`` pairs; the row locks it
+    takes keep those attempts running until the caller commits), then one statement upserts
+    their reports on ``(trial_pk, epoch)`` -- a resumed attempt's report of an epoch replaces
+    the old one. On PostgreSQL both take their rows as one JSON parameter; on SQLite the
+    pairs are an ``IN`` list and the upsert an executemany. Returns the reports stored: a stale lease's are
     dropped, nothing else is.
     """
     if not reports:
