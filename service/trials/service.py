@@ -298,8 +298,8 @@ def record_reports(session: Session, reports: Sequence[Report]) -> list[Report]:
     takes keep those attempts running until the caller commits), then one statement upserts
     their reports on ``(trial_pk, epoch)`` -- a resumed attempt's report of an epoch replaces
     the old one. On PostgreSQL both take their rows as one JSON parameter; on SQLite the
-    pairs are an ``IN`` list and the upsert an executemany. Returns the reports stored: a stale lease's are
-    dropped, nothing else is.
+    pairs are an ``IN`` list and the upsert an executemany. Returns the reports stored: a
+    stale lease's are dropped, nothing else is.
     """
     if not reports:
         return []
