@@ -70,7 +70,7 @@ class ActiveStudy:
 
 @dataclass
 class _View:
-    """What a pass knows of the studies: see :meth:`Scheduler._view`."""
+    """What a pass knows of the studies: see :meth:`EventStore._view`."""
 
     studies: list[ActiveStudy]
     waiting: set[int]  # pks of the studies with a waiting trial
