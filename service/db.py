@@ -74,7 +74,7 @@ class Database:
         self.url = url
         self.engine = make_engine(url, pre_ping=pre_ping, **engine_kwargs)
         self.is_sqlite = url.startswith("sqlite")
-        self.is_postgres = url.startswith("postgresql")
+        self.is_postgres = self.engine.dialect.name == "postgresql"
         self._reader = sessionmaker(self.engine, expire_on_commit=False)
         writer_engine = (
             self.engine.execution_options(sqlite_immediate=True) if self.is_sqlite else self.engine

@@ -59,6 +59,17 @@ class StudyRuntime:
         told = values if optuna_state == optuna.trial.TrialState.COMPLETE else None
         self.optuna_study.tell(otrial, told, state=optuna_state, skip_if_finished=True)
 
+    def ask(self) -> tuple[optuna.trial.Trial, dict[str, Any]]:
+        """A new Optuna trial and the params the sampler suggests for it (define-by-run)."""
+        otrial = self.optuna_study.ask()
+        return otrial, search.suggest_params(otrial, self.spec)
+
+    def abandon(self, asked: list[optuna.trial.Trial]) -> None:
+        """Tell Optuna that trials asked for but never started failed: a fill whose write did
+        not happen must leave no Optuna trial running forever."""
+        for otrial in asked:
+            self.optuna_study.tell(otrial, state=optuna.trial.TrialState.FAIL)
+
     def ask_fixed(self, params: dict[str, Any]) -> optuna.trial.Trial:
         """An Optuna trial fixed to ``params`` (the part of them Optuna can be told:
         :func:`search.optuna_params`), so the sampler learns from an enqueued trial without

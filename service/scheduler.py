@@ -241,8 +241,7 @@ class Scheduler(EventStore):
                     _set_study(session, study.pk, status="running", started_at=utcnow())
         except Exception:
             if runtime is not None:
-                for otrial in asked:  # nothing started: an asked Optuna trial must not dangle
-                    runtime.optuna_study.tell(otrial, state=optuna.trial.TrialState.FAIL)
+                runtime.abandon(asked)
             raise
         if completed:
             self._emit(study.id, {"type": "study", "status": "completed"})
@@ -277,20 +276,20 @@ class Scheduler(EventStore):
         if not planned:
             return False
         asked: list[optuna.trial.Trial] = []
+        params: list[dict[str, Any]] = []
         created = None
         try:
-            params = []
             for _ in planned:
-                asked.append(runtime.optuna_study.ask())
-                params.append(search.suggest_params(asked[-1], runtime.spec))
+                otrial, trial_params = runtime.ask()
+                asked.append(otrial)
+                params.append(trial_params)
             with self.db.autocommit() as conn:
                 created = trials.create_running_if_unchanged(
                     conn, study_pk=study.pk, seen=study.updated_at, params=params
                 )
         finally:
-            if created is None:  # nothing started: an asked Optuna trial must not dangle
-                for otrial in asked:
-                    runtime.optuna_study.tell(otrial, state=optuna.trial.TrialState.FAIL)
+            if created is None:
+                runtime.abandon(asked)
         if created is None:
             return False
         for otrial, trial_params, (pk, number, lease) in zip(asked, params, created, strict=True):
@@ -344,9 +343,9 @@ class Scheduler(EventStore):
                         _Start(trial.pk, trial.number, trial.attempts, lease, trial.params, otrial)
                     )
             elif not timed_out and next_number + len(new_params) < budget.n_trials:
-                otrial = runtime.optuna_study.ask()
+                otrial, trial_params = runtime.ask()
                 asked.append(otrial)
-                new_params.append((otrial, search.suggest_params(otrial, runtime.spec)))
+                new_params.append((otrial, trial_params))
             else:
                 break
             room -= 1
