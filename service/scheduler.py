@@ -43,7 +43,7 @@ from sqlalchemy.orm import Session
 from service import search
 from service.db import Database, utcnow
 from service.runtime import StudyRuntime, rebuild
-from service.scheduler_events import ActiveStudy, EventHook, EventStore, Run
+from service.scheduler_events import ActiveStudy, EventHook, EventStore, Run, View
 from service.studies.models import ACTIVE_STATUSES, Study
 from service.studies.spec import StudySpec
 from service.trials import service as trials
@@ -93,6 +93,8 @@ class Scheduler(EventStore):
         self._runtimes: dict[int, StudyRuntime] = {}
         self._runs: dict[str, Run] = {}
         self._unstored: list[ExecutorEvent] = []  # drained, but their transaction failed
+        self._ending: set[str] = set()  # runs with a drained, not yet stored result
+        self._last_view: View | None = None  # the last pass's view, kept current by its fills
         self._capacity: tuple[float, float, float] | None = None  # cpus, gpus, checked at
         self.passes = 0
 
@@ -129,6 +131,7 @@ class Scheduler(EventStore):
             for run in self._runs.values():
                 trials.release(session, run.trial_pk, run.lease, "interrupted: the server stopped")
         self._runs.clear()
+        self._ending.clear()
         self.executor.shutdown()
         self.db.dispose()
 
@@ -150,23 +153,35 @@ class Scheduler(EventStore):
     def _gather(self) -> list[ExecutorEvent]:
         """The events to store in this pass. A trial's events come in bursts (its reports and
         result within a few ms; several trials ending together), so unless a trial has just
-        ended -- a freed slot to refill at once -- wait ``batch_s`` for the rest of the burst:
-        one transaction stores it instead of one each."""
+        ended -- a freed slot to refill at once -- wait up to ``batch_s`` for the rest of the
+        burst: one transaction stores it instead of one each. A trial that ends meanwhile cuts
+        the wait short, so the window never delays a refill."""
         events = self.executor.drain()
-        if self.batch_s and not any(e.terminal for e in events):
-            self._stop.wait(self.batch_s)
-            self._wake.clear()
-            events += self.executor.drain()
+        if not self.batch_s or any(e.terminal for e in events):
+            return events
+        deadline = time.monotonic() + self.batch_s
+        while not self._stop.is_set():
+            left = deadline - time.monotonic()
+            woken = left > 0 and self._wake.wait(left)
+            if woken:
+                self._wake.clear()
+            more = self.executor.drain()
+            events += more
+            if not woken or any(e.terminal for e in more):
+                break
         return events
 
     def run_pass(self, events: list[ExecutorEvent] | None = None) -> None:
         """One pass over ``events`` (default: whatever the executor has); public so tests can
         drive the scheduler without its thread."""
         self.passes += 1
-        view = self._handle_events(self.executor.drain() if events is None else events)
+        events = self.executor.drain() if events is None else events
+        self._refill_first(events)
+        view = self._handle_events(events)
         if view is None:  # nothing was stored: read the active studies on their own
             with self.db.read() as session:
                 view = self._view(session)
+        self._last_view = view
         self._enforce_limits(view.statuses)
         if not self._stop.is_set():
             for study in view.studies:
@@ -185,20 +200,72 @@ class Scheduler(EventStore):
         return runtime
 
     def _in_flight(self, study_pk: int) -> int:
+        """Runs of the study not yet stored as ended: what keeps it from completing."""
         return sum(1 for r in self._runs.values() if r.study_pk == study_pk)
+
+    def _occupied(self, study_pk: int) -> int:
+        """Slots the study's runs hold: a run whose result is in hand holds none."""
+        runs = self._runs.values()
+        return sum(1 for r in runs if r.study_pk == study_pk and r.run_id not in self._ending)
+
+    def _refill_first(self, events: list[ExecutorEvent]) -> None:
+        """Refill the slots of trials whose results are in ``events`` before storing them.
+
+        A finished trial's slot is free as soon as its result is in hand; storing the pass's
+        events first put that transaction (and the wait for a busy scheduler) between every
+        result and the next start -- half of a zero-work trial's cycle. This fill works from
+        the previous pass's view (kept current by the fills since) and takes only the cheap
+        way: on PostgreSQL the guarded one-statement fill, which writes nothing if the study
+        row changed since; on SQLite the locking fill. Whatever it leaves, the pass's own
+        fill does after the store. Completion still waits for the stored results
+        (:meth:`_in_flight` counts them), and only results free slots early: a failure may
+        be retried or fail the study, which the store decides.
+        """
+        freed = {e.run_id for e in events if e.kind == "result" and e.run_id in self._runs}
+        if not freed:
+            return
+        self._ending |= freed
+        view = self._last_view
+        if view is None or self._stop.is_set():
+            return
+        studies = {self._runs[run_id].study_pk for run_id in freed}
+        for study in list(view.studies):
+            has_waiting = study.pk in view.waiting
+            runtime = self._known_runtime(study)
+            if (
+                study.pk not in studies
+                or runtime is None
+                or not self._can_start(study, runtime, has_waiting)
+            ):
+                continue
+            try:
+                if not self.db.is_postgres:
+                    self._fill_study(study, has_waiting)
+                elif not has_waiting:
+                    self._fill_fast(study)
+            except Exception:  # the events must still be stored: leave it to the pass's fill
+                log.exception("early refill of study %s failed", study.id)
 
     # ------------------------------------------------------------------ filling slots
     def _has_work(self, study: ActiveStudy, has_waiting: bool) -> bool:
         """Whether ``study`` may start a trial or complete now: False skips its write
         transaction. Decided from the last known spec; the transaction re-checks."""
+        runtime = self._known_runtime(study)
+        if runtime is None or self._in_flight(study.pk) == 0:
+            return True  # not known as stored / it may be complete
+        return self._can_start(study, runtime, has_waiting)
+
+    def _known_runtime(self, study: ActiveStudy) -> StudyRuntime | None:
+        """The study's runtime if it holds the spec ``study`` was read with, else None."""
         runtime = self._runtimes.get(study.pk)
         if runtime is None or runtime.study_id != study.id or study.spec != runtime.raw_spec:
-            return True
-        in_flight = self._in_flight(study.pk)
-        if in_flight == 0:
-            return True  # it may be complete
+            return None
+        return runtime
+
+    def _can_start(self, study: ActiveStudy, runtime: StudyRuntime, has_waiting: bool) -> bool:
+        """Whether ``study`` has a free slot that fits and a trial to put in it."""
         budget = runtime.spec.budget
-        if in_flight >= budget.max_parallel:
+        if self._occupied(study.pk) >= budget.max_parallel:
             return False
         resources = Resources(runtime.spec.resources.cpus, runtime.spec.resources.gpus)
         if not self._fits(resources):
@@ -235,14 +302,27 @@ class Scheduler(EventStore):
                     session, study, runtime, starts, asked, has_waiting, locked.next_number
                 )
                 completed = outcome == "completed"
+                status, started_at = locked.status, study.started_at
                 if completed:
                     _set_study(session, study.pk, status="completed", finished_at=utcnow())
                 elif starts and locked.status == "queued":
-                    _set_study(session, study.pk, status="running", started_at=utcnow())
+                    status, started_at = "running", utcnow()
+                    _set_study(session, study.pk, status=status, started_at=started_at)
         except Exception:
             if runtime is not None:
                 runtime.abandon(asked)
             raise
+        if completed or self.db.is_postgres:
+            # PostgreSQL: the row's updated_at moved, so no guarded fill until it is re-read.
+            self._drop_from_view(study.pk)
+        else:  # SQLite: the next early refill knows the numbers this one used up
+            new = sum(1 for start in starts if start.number >= locked.next_number)
+            number = locked.next_number + new
+            self._replace_in_view(
+                ActiveStudy(
+                    study.pk, study.id, locked.spec, status, number, started_at, study.updated_at
+                )
+            )
         if completed:
             self._emit(study.id, {"type": "study", "status": "completed"})
         for start in starts:
@@ -267,7 +347,7 @@ class Scheduler(EventStore):
         if _timed_out(study, budget.timeout_s):
             return False
         room = min(
-            budget.max_parallel - self._in_flight(study.pk), budget.n_trials - study.next_number
+            budget.max_parallel - self._occupied(study.pk), budget.n_trials - study.next_number
         )
         resources = Resources(runtime.spec.resources.cpus, runtime.spec.resources.gpus)
         planned: list[Resources] = []
@@ -278,6 +358,7 @@ class Scheduler(EventStore):
         asked: list[optuna.trial.Trial] = []
         params: list[dict[str, Any]] = []
         created = None
+        now = utcnow()
         try:
             for _ in planned:
                 otrial, trial_params = runtime.ask()
@@ -285,16 +366,39 @@ class Scheduler(EventStore):
                 params.append(trial_params)
             with self.db.autocommit() as conn:
                 created = trials.create_running_if_unchanged(
-                    conn, study_pk=study.pk, seen=study.updated_at, params=params
+                    conn, study_pk=study.pk, seen=study.updated_at, params=params, now=now
                 )
         finally:
             if created is None:
                 runtime.abandon(asked)
         if created is None:
+            self._drop_from_view(study.pk)
             return False
+        # What the statement wrote to the study row, so the next early refill's guard holds.
+        self._replace_in_view(
+            ActiveStudy(
+                study.pk,
+                study.id,
+                study.spec,
+                "running",
+                study.next_number + len(created),
+                study.started_at or now,
+                now,
+            )
+        )
         for otrial, trial_params, (pk, number, lease) in zip(asked, params, created, strict=True):
             self._submit(study, runtime, _Start(pk, number, 1, lease, trial_params, otrial))
         return True
+
+    def _replace_in_view(self, study: ActiveStudy) -> None:
+        view = self._last_view
+        if view is not None:
+            view.studies = [study if s.pk == study.pk else s for s in view.studies]
+
+    def _drop_from_view(self, study_pk: int) -> None:
+        view = self._last_view
+        if view is not None:
+            view.studies = [s for s in view.studies if s.pk != study_pk]
 
     def _claim_starts(
         self,
@@ -327,7 +431,7 @@ class Scheduler(EventStore):
         if not waiting and in_flight == 0 and exhausted:
             return "completed"
         resources = Resources(runtime.spec.resources.cpus, runtime.spec.resources.gpus)
-        room = budget.max_parallel - in_flight
+        room = budget.max_parallel - self._occupied(study.pk)
         new_params: list[tuple[optuna.trial.Trial, dict[str, Any]]] = []
         planned: list[Resources] = []
         while room > 0 and self._fits(resources, planned):
@@ -400,7 +504,8 @@ class Scheduler(EventStore):
         if self._capacity is None or now - self._capacity[2] > CAPACITY_REFRESH_S:
             cap = self.executor.capacity()
             self._capacity = (cap.total_cpus, cap.total_gpus, now)
-        taken = [r.resources for r in self._runs.values()] + list(planned) + [resources]
+        held = [r.resources for r in self._runs.values() if r.run_id not in self._ending]
+        taken = held + list(planned) + [resources]
         cpus = sum(r.cpus for r in taken)
         gpus = sum(r.gpus for r in taken)
         return cpus <= self._capacity[0] + 1e-9 and gpus <= self._capacity[1] + 1e-9
@@ -410,7 +515,7 @@ class Scheduler(EventStore):
     def _enforce_limits(self, statuses: dict[int, str]) -> None:
         now = time.monotonic()
         for run in list(self._runs.values()):
-            if run.stop_reason is not None:
+            if run.stop_reason is not None or run.run_id in self._ending:
                 continue
             runtime = self._runtimes.get(run.study_pk)
             limit = runtime.spec.budget.trial_timeout_s if runtime else None

@@ -69,7 +69,7 @@ class ActiveStudy:
 
 
 @dataclass
-class _View:
+class View:
     """What a pass knows of the studies: see :meth:`EventStore._view`."""
 
     studies: list[ActiveStudy]
@@ -88,6 +88,7 @@ class EventStore:
     _runtimes: dict[int, StudyRuntime]
     _runs: dict[str, Run]
     _unstored: list[ExecutorEvent]  # drained, but their transaction failed
+    _ending: set[str]  # runs with a drained, not yet stored result
 
     def _emit(self, study_id: str, event: dict[str, Any]) -> None:
         for hook in self.hooks:
@@ -96,13 +97,13 @@ class EventStore:
             except Exception:
                 log.exception("event hook failed")
 
-    def _view(self, session: Session) -> _View:
+    def _view(self, session: Session) -> View:
         """The active studies (priority, then oldest first), which of them have a waiting
         trial, and the status of every study with a run in flight -- in two statements."""
         rows = session.execute(_ACTIVE_STUDIES).all()
         studies = [ActiveStudy(*row[:-1]) for row in rows]
         waiting = {row.pk for row in rows if row.has_waiting}
-        return _View(studies, waiting, self._run_statuses(session, studies))
+        return View(studies, waiting, self._run_statuses(session, studies))
 
     def _run_statuses(self, session: Session, studies: list[ActiveStudy]) -> dict[int, str]:
         """Status of every study with a run in flight (active ones are already loaded)."""
@@ -114,7 +115,7 @@ class EventStore:
             )
         return statuses
 
-    def _handle_events(self, events: list[ExecutorEvent]) -> _View | None:
+    def _handle_events(self, events: list[ExecutorEvent]) -> View | None:
         """Store ``events`` in one transaction, then act on them in memory; returns the
         :meth:`_view` read in that same transaction (None when nothing was stored).
 
@@ -146,7 +147,7 @@ class EventStore:
 
     def _store(
         self, todo: list[tuple[Run, ExecutorEvent]], *, isolate: bool
-    ) -> tuple[list[Action], _View]:
+    ) -> tuple[list[Action], View]:
         """One write transaction for all of ``todo``, which also reads the pass's
         :meth:`_view` (one transaction fewer per pass); ``isolate`` puts each event in a
         savepoint (a few statements more per event, so only after a failure)."""
@@ -353,6 +354,7 @@ class EventStore:
 
     def _forget(self, run: Run) -> None:
         self._runs.pop(run.run_id, None)
+        self._ending.discard(run.run_id)
         self._wake.set()
 
 

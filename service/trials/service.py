@@ -130,11 +130,17 @@ _CREATE_RUNNING_IF_UNCHANGED = text(
 
 
 def create_running_if_unchanged(
-    conn: Connection, *, study_pk: int, seen: datetime, params: Sequence[dict[str, Any]]
+    conn: Connection,
+    *,
+    study_pk: int,
+    seen: datetime,
+    params: Sequence[dict[str, Any]],
+    now: datetime | None = None,
 ) -> list[tuple[int, int, str]] | None:
     """:func:`create_running` as one autocommitted statement on PostgreSQL, applied only if the
     study is still active and its row unchanged since the caller read ``updated_at == seen``
-    (None otherwise, and nothing written); also marks a queued study running.
+    (None otherwise, and nothing written); also marks a queued study running. ``now``
+    (default: the current time) becomes the row's ``updated_at`` (and ``started_at`` if unset).
 
     The scheduler's fast path for the commonest fill -- new sampler trials for a study whose
     stored spec it already holds: one round trip instead of BEGIN, a locking read, two writes
@@ -149,7 +155,7 @@ def create_running_if_unchanged(
         _CREATE_RUNNING_IF_UNCHANGED,
         {
             "k": len(params),
-            "now": utcnow(),
+            "now": now or utcnow(),
             "study_pk": study_pk,
             "seen": seen,
             "rows": json.dumps(rows),

@@ -4,6 +4,8 @@ on the next pass -- on SQLite and PostgreSQL, with an executor the test drives b
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -157,7 +159,7 @@ def test_a_burst_of_events_of_several_trials_is_one_transaction(db, tmp_path, co
         executor.finish(run_id, 0.5)
     commits.clear()
     scheduler.run_pass()
-    # one for the eight events of two trials, one to start the two trials that replace them
+    # one to start the two trials that replace them, one for the eight events of two trials
     assert len(commits) == 2
     rows = trials_of(db, study)
     assert [t.state for t in rows] == ["complete", "complete", "running", "running", "running"]
@@ -165,7 +167,7 @@ def test_a_burst_of_events_of_several_trials_is_one_transaction(db, tmp_path, co
     with db.read() as s:
         epochs = s.execute(select(TrialMetric.epoch).where(TrialMetric.trial_pk == rows[0].pk))
         assert sorted(epochs.scalars()) == [1, 2]
-    # Optuna was told both results before it was asked for the new trials
+    # Optuna was told both results once they were stored
     runtime = scheduler._runtimes[study.pk]
     assert [t.value for t in runtime.optuna_study.get_trials() if t.value is not None] == [
         0.5,
@@ -219,16 +221,23 @@ def test_events_whose_transaction_failed_are_stored_on_the_next_pass(
     run_id = next(iter(executor.submitted))
     executor.finish(run_id, 0.75)
 
-    real_write = scheduler.db.write
-    calls = {"n": 0}
+    real_write, real_handle = scheduler.db.write, scheduler._handle_events
+    storing = {"calls": 0}
 
     def failing_write() -> Any:
-        calls["n"] += 1
-        if calls["n"] == 1:
+        if storing["calls"] == 1:  # the first pass's store (not the refills around it)
             raise RuntimeError("database went away")
         return real_write()
 
+    def handle(events: list[ExecutorEvent]) -> Any:
+        storing["calls"] += 1
+        try:
+            return real_handle(events)
+        finally:
+            storing["calls"] += 1
+
     monkeypatch.setattr(scheduler.db, "write", failing_write)
+    monkeypatch.setattr(scheduler, "_handle_events", handle)
     scheduler.run_pass()
     assert "retrying next pass" in caplog.text
     assert trials_of(db, study)[0].state == "running"  # nothing stored, nothing acted on
@@ -301,6 +310,126 @@ def test_a_pass_waits_for_the_rest_of_a_burst_unless_a_trial_just_ended(db, tmp_
     scheduler = Scheduler(db, executor, checkpoint_root=str(tmp_path), batch_s=0.001)
     assert scheduler._gather() == [result]  # a slot is free: no waiting
     assert executor.drains == 1
+
+
+def test_a_trial_that_ends_during_the_batch_window_cuts_it_short(db, tmp_path):
+    report = ExecutorEvent("r", "report", {"epoch": 1, "metrics": {}})
+    result = ExecutorEvent("r", "result", {"metrics": {}})
+    executor = Bursty([[report], [result]])
+    scheduler = Scheduler(db, executor, checkpoint_root=str(tmp_path), batch_s=30.0)
+    timer = threading.Timer(0.05, scheduler.wake)  # the executor's notify, as the result lands
+    timer.start()
+    tick = time.monotonic()
+    assert scheduler._gather() == [report, result]
+    assert time.monotonic() - tick < 10  # not the 30-s window
+    timer.join()
+
+
+def _stored_after(scheduler: Scheduler, executor: ManualExecutor) -> list[int]:
+    """Records how many trials had been submitted each time the pass stored its events."""
+    seen: list[int] = []
+    real = scheduler._handle_events
+
+    def recording(events: list[ExecutorEvent]) -> Any:
+        seen.append(len(executor.submitted))
+        return real(events)
+
+    scheduler._handle_events = recording  # type: ignore[method-assign]
+    return seen
+
+
+def test_a_finished_trials_slot_is_refilled_before_its_events_are_stored(db, tmp_path):
+    scheduler, executor, study = make(db, tmp_path)
+    scheduler.run_pass()
+    seen = _stored_after(scheduler, executor)
+    # (On PostgreSQL the first refill after a study's first fill reads the study anew: that
+    # fill took the locking way, which moved the row's updated_at.)
+    for cycle in range(3):
+        done = min(executor.submitted, key=lambda r: executor.submitted[r].trial_number)
+        executor.finish(done, 0.5)
+        executor.submitted.pop(done)  # keep the counting simple: the finished run is gone
+        scheduler.run_pass()
+        if cycle or not db.is_postgres:
+            assert seen[-1] == 3  # the freed slot was refilled before the store
+        assert sum(1 for t in trials_of(db, study) if t.state == "running") == 3
+    rows = trials_of(db, study)
+    assert [t.state for t in rows] == ["complete"] * 3 + ["running"] * 3
+    assert [t.number for t in rows] == list(range(6))
+    runtime = scheduler._runtimes[study.pk]
+    assert [t.value for t in runtime.optuna_study.get_trials() if t.value is not None] == [0.5] * 3
+
+
+def test_a_failed_trials_slot_is_refilled_only_after_its_failure_is_stored(db, tmp_path):
+    scheduler, executor, _study = make(db, tmp_path)
+    scheduler.run_pass()
+    seen = _stored_after(scheduler, executor)
+    executor.pending.append(ExecutorEvent("run-0-1", "failed", {"error": "boom"}))
+    scheduler.run_pass()
+    # a failure may be retried or fail the study: the store decides before any refill
+    assert seen == [3] and len(executor.submitted) == 4
+
+
+def test_an_early_refill_that_fails_loses_no_event(db, tmp_path, monkeypatch, caplog):
+    scheduler, executor, study = make(db, tmp_path)
+    scheduler.run_pass()
+    executor.finish("run-0-1", 0.5)
+    scheduler.run_pass()  # a refill first: on PostgreSQL the next one can then be early
+    executor.finish("run-1-1", 0.5)
+    real_fast, real_fill = scheduler._fill_fast, scheduler._fill_study
+    seen = _stored_after(scheduler, executor)
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        if not seen:  # only before the store: the early refill
+            raise RuntimeError("database went away")
+        return (real_fast if len(args) == 1 else real_fill)(*args, **kwargs)
+
+    monkeypatch.setattr(scheduler, "_fill_fast", lambda study: broken(study))
+    monkeypatch.setattr(scheduler, "_fill_study", lambda study, w=True: broken(study, w))
+    scheduler.run_pass()
+    assert "early refill of study" in caplog.text
+    rows = trials_of(db, study)
+    assert [(t.state, t.value) for t in rows[:2]] == [("complete", 0.5)] * 2
+    assert [t.state for t in rows[2:]] == ["running"] * 3  # the pass's own fill refilled it
+
+
+def test_early_refills_never_start_more_than_the_budget(db, tmp_path):
+    scheduler, executor, study = make(db, tmp_path, n_trials=4, parallel=2)
+    scheduler.run_pass()
+    while len(executor.submitted) < 8:  # more results than the budget has trials
+        for run_id in [r for r in executor.submitted if r not in executor.cancelled]:
+            executor.finish(run_id, 0.5)
+            executor.cancelled.append(run_id)  # marks it finished for this loop
+        scheduler.run_pass()
+        if len(trials_of(db, study)) == 4 and scheduler.in_flight == 0:
+            break
+    rows = trials_of(db, study)
+    assert [t.state for t in rows] == ["complete"] * 4
+    with db.read() as s:
+        assert s.get(Study, study.pk).status == "completed"
+
+
+@pytest.mark.postgres
+def test_on_postgresql_early_refills_take_the_one_statement_path(pg_schema_url, tmp_path):
+    migrate.upgrade(pg_schema_url)
+    db = Database(pg_schema_url)
+    seen: list[str] = []
+    try:
+        scheduler, executor, study = make(db, tmp_path, n_trials=8)
+        scheduler.run_pass()
+        event.listen(scheduler.db.engine, "before_cursor_execute", lambda *a: seen.append(a[2]))
+        stored = _stored_after(scheduler, executor)
+        for number in range(3):
+            executor.finish(f"run-{number}-1", 0.5)
+            scheduler.run_pass()
+        # every refill is one guarded statement, none locked; the first follows the store (the
+        # study's first fill took the locking way, so the pass reads the row anew), the
+        # others come before it, from the view their predecessors kept current
+        assert stored == [3, 5, 6]
+        assert sum("WITH s AS (" in s for s in seen) == 3
+        assert not [s for s in seen if "FOR UPDATE" in s]
+        assert [t.state for t in trials_of(db, study)] == ["complete"] * 3 + ["running"] * 3
+    finally:
+        db.dispose()
 
 
 def test_a_failed_fill_stores_nothing_and_leaves_no_optuna_trial_running(db, tmp_path, monkeypatch):
