@@ -5,6 +5,10 @@
   :class:`~workers.executor.Resources` (fractions allowed). Ray's own retries are off: a Ray
   retry would replay the report stream from epoch 0 behind the scheduler's back; the scheduler
   retries a failed run itself, as the trial's next attempt, which resumes from its checkpoint.
+* The last epoch's report travels in one stream item with the result that always follows it
+  (:func:`_final_report_with_result`); every other message is an item of its own, sent as
+  soon as the trial yields it. Each item costs Ray bookkeeping on both ends, about a
+  millisecond of a zero-work trial's cycle here.
 * One "pump" thread runs an asyncio loop with one small reader coroutine per run: ``async for
   ref in generator`` wakes as soon as Ray has a new item, with no polling, so an event reaches
   the scheduler within a millisecond or so of Ray receiving it, and a new submission is read
@@ -73,6 +77,7 @@ logger = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 _ERROR_KIND = "_error"  # an exception the trial code raised, caught inside the task
+_BATCH_KIND = "_batch"  # several runner messages in one stream item, in order
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _STARTUP_TIMEOUT_TEXT = "timed out during startup"
 
@@ -84,12 +89,44 @@ def _trial_task(spec_dict: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """The Ray task: run one trial and stream its events (a generator -> streaming task)."""
     spec = TrialSpec.from_dict(spec_dict)
     try:
-        yield from run_trial(spec)
+        yield from _final_report_with_result(run_trial(spec), spec.config.get("epochs"))
     except Exception as exc:
         # Ray's RayTaskError keeps only a trimmed, coloured traceback; send the original first.
         # KeyboardInterrupt (ray.cancel) is not an Exception and passes through untouched.
         yield {"kind": _ERROR_KIND, **format_failure(exc)}
         raise
+
+
+def _final_report_with_result(
+    messages: Iterator[dict[str, Any]], last_epoch: Any
+) -> Iterator[dict[str, Any]]:
+    """``messages``, with the report of the trial's last epoch sent in one stream item with
+    the result that follows it: every stream item costs Ray a round of bookkeeping on both
+    ends (about a millisecond of a zero-work trial's cycle here, ``bench/ray_floor.py
+    --items``), and the two always come back to back -- only the final checkpoint and test
+    evaluation lie between them, and nothing acts on that report before the result. If
+    anything but a result follows (an error), the report goes alone, first."""
+    for message in messages:
+        if (
+            message.get("kind") != "report"
+            or not isinstance(last_epoch, int)
+            or message.get("epoch") != last_epoch
+        ):
+            yield message
+            continue
+        try:
+            following = next(messages)
+        except StopIteration:
+            yield message
+            return
+        except Exception:
+            yield message
+            raise
+        if following.get("kind") == "result":
+            yield {"kind": _BATCH_KIND, "items": [message, following]}
+        else:
+            yield message
+            yield following
 
 
 def _warm_task() -> int:
@@ -405,13 +442,23 @@ class RayExecutor:
         self._finish(run, self._ended_without_result(run))
 
     async def _handle_item(self, run: _RayRun, ref: Any) -> ExecutorEvent | None:
-        """Emit a non-terminal item and return None, or return the terminal event."""
+        """Emit a non-terminal item's events and return None, or return the terminal event."""
         try:
             message = await asyncio.wait_for(ref, timeout=60)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             return self._error_event(run, exc)
+        if isinstance(message, dict) and message.get("kind") == _BATCH_KIND:
+            for item in message.get("items", []):
+                terminal = self._handle_message(run, item)
+                if terminal is not None:
+                    return terminal
+            return None
+        return self._handle_message(run, message)
+
+    def _handle_message(self, run: _RayRun, message: Any) -> ExecutorEvent | None:
+        """Emit one runner message's event and return None, or return the terminal event."""
         if isinstance(message, dict) and message.get("kind") == _ERROR_KIND:
             if self._buffer.is_cancelling(run.run_id):
                 return _cancelled(run.run_id)
