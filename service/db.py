@@ -98,6 +98,14 @@ class Database:
         with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             yield conn
 
+    @contextmanager
+    def autocommit_session(self) -> Iterator[Session]:
+        """A session on an :meth:`autocommit` connection: each statement commits on its own,
+        for a unit of work that is one write statement (plus reads that need not see the
+        same snapshot)."""
+        with self.autocommit() as conn, Session(bind=conn, expire_on_commit=False) as session:
+            yield session
+
     def dedicated(self) -> Database:
         """A second handle on the same database for one thread that retries its own failures
         (the scheduler): a small pool without the pre-use ping. A connection the server

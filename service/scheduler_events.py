@@ -147,10 +147,20 @@ class EventStore:
 
     def _store(
         self, todo: list[tuple[Run, ExecutorEvent]], *, isolate: bool
-    ) -> tuple[list[Action], View]:
+    ) -> tuple[list[Action], View | None]:
         """One write transaction for all of ``todo``, which also reads the pass's
         :meth:`_view` (one transaction fewer per pass); ``isolate`` puts each event in a
-        savepoint (a few statements more per event, so only after a failure)."""
+        savepoint (a few statements more per event, so only after a failure).
+
+        On PostgreSQL, a batch whose writes are the one statement of
+        :func:`trials.record_events` and nothing else -- no attempt to release, no failure
+        to count against ``max_failures`` -- needs no transaction around it: that statement
+        commits on its own, which saves the BEGIN and COMMIT round trips of most passes.
+        Its effects are then acted on even if the view read after it fails (None is
+        returned for the view): they are stored, and a retry would find the leases spent.
+        """
+        if not isolate and self.db.is_postgres and not self._needs_transaction(todo):
+            return self._store_autocommitted(todo)
         after: list[Action] = []
         try:
             with self.db.write() as session:
@@ -174,28 +184,70 @@ class EventStore:
             raise
         return after, view
 
+    def _needs_transaction(self, todo: list[tuple[Run, ExecutorEvent]]) -> bool:
+        """Whether storing ``todo`` writes more than :func:`trials.record_events`: a release
+        (a run to retry or drain) or a failed outcome (the ``max_failures`` count)."""
+        for run, event in todo:
+            if event.kind in ("failed", "cancelled"):
+                return True
+            if event.kind == "result":
+                decided = self._decide(run, event)
+                if isinstance(decided, _Release) or decided.state == "failed":
+                    return True
+        return False
+
+    def _store_autocommitted(
+        self, todo: list[tuple[Run, ExecutorEvent]]
+    ) -> tuple[list[Action], View | None]:
+        """:meth:`_store` for a batch that is one statement (see there)."""
+        with self.db.autocommit_session() as session:
+            try:
+                after = self._store_batch(session, todo)
+            except Exception as exc:  # nothing was written: the statement rolled back
+                for run, _ in todo:
+                    run.ended = False
+                raise _HandlerError from exc
+            try:
+                view: View | None = self._view(session)
+            except Exception:
+                log.exception("reading the active studies failed after storing events")
+                view = None
+        return after, view
+
     def _store_batch(self, session: Session, todo: list[tuple[Run, ExecutorEvent]]) -> list[Action]:
-        """Store ``todo`` with as few statements as its kinds allow: every start of the batch
-        in one, every report in two (:func:`trials.record_reports`), every outcome in one
-        (:meth:`_end_batch`). Per run, the order of its events is kept: a run's terminal
-        event is its last, and it is stored after the run's start and reports."""
-        after: list[Action] = []
+        """Store ``todo`` with as few statements as its kinds allow
+        (:func:`trials.record_events`: one on PostgreSQL; on SQLite one for the starts, two for
+        the reports, one per outcome), then hand back the runs to retry. Per run, the order
+        of its events is kept: a run's terminal event is its last, so its outcome is written
+        with (or after) its start and reports, and a run handed back to ``waiting`` is
+        released after they are stored."""
         started: list[tuple[int, str, dict[str, Any]]] = []
         reports: list[tuple[Run, ExecutorEvent]] = []
-        ends: list[tuple[Run, ExecutorEvent]] = []
+        outcomes: list[tuple[Run, trials.Outcome]] = []
+        releases: list[tuple[Run, _Release]] = []
         for run, event in todo:
             if event.kind == "started":
                 started.append(_started(run, event))
             elif event.kind == "report":
                 reports.append((run, event))
             else:
-                ends.append((run, event))
-        trials.record_started(session, started)
-        if reports:
-            runs = {(run.trial_pk, run.lease): run for run, _ in reports}
-            stored = trials.record_reports(session, [_report(run, e) for run, e in reports])
-            after.extend(self._reported(runs[(r.pk, r.lease)], r.epoch, r.metrics) for r in stored)
-        after.extend(self._end_batch(session, ends))
+                decided = self._decide(run, event)
+                if isinstance(decided, _Release):
+                    releases.append((run, decided))
+                else:
+                    outcomes.append((run, decided))
+        runs = {(run.trial_pk, run.lease): run for run, _ in reports}
+        stored, recorded = trials.record_events(
+            session,
+            started,
+            [_report(run, e) for run, e in reports],
+            [(run.trial_pk, run.lease, outcome) for run, outcome in outcomes],
+        )
+        after = [self._reported(runs[(r.pk, r.lease)], r.epoch, r.metrics) for r in stored]
+        for run, release in releases:
+            after.extend(self._end_one(session, run, release))
+        for run, outcome in outcomes:
+            after.extend(self._ended(session, run, outcome, (run.trial_pk, run.lease) in recorded))
         return after
 
     def _on_started(self, session: Session, run: Run, event: ExecutorEvent) -> list[Action]:
@@ -233,19 +285,18 @@ class EventStore:
             run.stop_reason = "pruned"
             self.executor.cancel(run.run_id)
 
-    # A terminal event is decided first -- the outcome to record, or the actions of a run
-    # handed back to ``waiting`` -- then recorded: one event alone (``_on_<kind>``, the
-    # savepoint path) or with the rest of its pass (:meth:`_end_batch`).
+    # A terminal event is decided first -- the outcome to record, or a release of the run
+    # back to ``waiting`` -- without writing anything, then recorded: one event alone
+    # (``_on_<kind>``, the savepoint path) or with the rest of its pass (:meth:`_store_batch`).
     def _on_result(self, session: Session, run: Run, event: ExecutorEvent) -> list[Action]:
-        return self._end_one(session, run, self._decide_result(session, run, event))
+        return self._end_one(session, run, self._decide(run, event))
 
-    def _on_failed(self, session: Session, run: Run, event: ExecutorEvent) -> list[Action]:
-        return self._end_one(session, run, self._decide_failed(session, run, event))
+    _on_failed = _on_cancelled = _on_result
 
-    def _on_cancelled(self, session: Session, run: Run, event: ExecutorEvent) -> list[Action]:
-        return self._end_one(session, run, self._decide_cancelled(session, run, event))
+    def _decide(self, run: Run, event: ExecutorEvent) -> _Decision:
+        return cast(_Decision, getattr(self, f"_decide_{event.kind}")(run, event))
 
-    def _decide_result(self, session: Session, run: Run, event: ExecutorEvent) -> _Decision:
+    def _decide_result(self, run: Run, event: ExecutorEvent) -> _Decision:
         runtime = self._runtimes[run.study_pk]
         metrics = dict(event.payload.get("metrics", {}))
         values = search.objective_values(runtime.spec, metrics)
@@ -254,21 +305,19 @@ class EventStore:
             return trials.Outcome("failed", metrics=metrics, error=f"objective {names} missing")
         return trials.Outcome("complete", values[0], values, metrics)
 
-    def _decide_failed(self, session: Session, run: Run, event: ExecutorEvent) -> _Decision:
+    def _decide_failed(self, run: Run, event: ExecutorEvent) -> _Decision:
         error = event.payload.get("traceback") or event.payload.get("error") or "unknown error"
         runtime = self._runtimes[run.study_pk]
         if event.retryable and run.attempt < runtime.spec.budget.max_attempts:
-            trials.release(session, run.trial_pk, run.lease, str(error))
-            run.ended = True
 
             def retry() -> None:
                 self._forget(run)
                 self._emit(run.study_id, {"type": "trial_retry", "number": run.number})
 
-            return [retry]
+            return _Release(str(error), [retry])
         return trials.Outcome("failed", metrics=run.last_metrics or None, error=str(error))
 
-    def _decide_cancelled(self, session: Session, run: Run, event: ExecutorEvent) -> _Decision:
+    def _decide_cancelled(self, run: Run, event: ExecutorEvent) -> _Decision:
         if run.stop_reason == "pruned":
             return trials.Outcome(
                 "pruned",
@@ -281,32 +330,16 @@ class EventStore:
                 "failed", metrics=run.last_metrics or None, error="trial_timeout_s exceeded"
             )
         if run.stop_reason == "drain":
-            trials.release(session, run.trial_pk, run.lease, "interrupted: the server stopped")
-            run.ended = True
-            return [lambda: self._forget(run)]
+            return _Release("interrupted: the server stopped", [lambda: self._forget(run)])
         return trials.Outcome("cancelled", metrics=run.last_metrics or None)
 
     def _end_one(self, session: Session, run: Run, decided: _Decision) -> list[Action]:
-        if not isinstance(decided, trials.Outcome):
-            return decided
+        if isinstance(decided, _Release):
+            trials.release(session, run.trial_pk, run.lease, decided.error)
+            run.ended = True
+            return decided.actions
         recorded = trials.finish(session, run.trial_pk, run.lease, decided)
         return self._ended(session, run, decided, recorded)
-
-    def _end_batch(self, session: Session, ends: list[tuple[Run, ExecutorEvent]]) -> list[Action]:
-        """Record the terminal events of a pass: every outcome in one compare-and-set
-        (:func:`trials.finish_many`), then the failure count for the failed ones."""
-        after: list[Action] = []
-        outcomes: list[tuple[Run, trials.Outcome]] = []
-        for run, event in ends:
-            decided = getattr(self, f"_decide_{event.kind}")(session, run, event)
-            if isinstance(decided, trials.Outcome):
-                outcomes.append((run, decided))
-            else:
-                after.extend(decided)
-        recorded = trials.finish_many(session, [(r.trial_pk, r.lease, o) for r, o in outcomes])
-        for run, outcome in outcomes:
-            after.extend(self._ended(session, run, outcome, (run.trial_pk, run.lease) in recorded))
-        return after
 
     def _ended(
         self, session: Session, run: Run, outcome: trials.Outcome, recorded: bool
@@ -358,7 +391,16 @@ class EventStore:
         self._wake.set()
 
 
-_Decision = trials.Outcome | list[Action]  # what a terminal event comes to: see _end_batch
+@dataclass(frozen=True)
+class _Release:
+    """A terminal event that ends the attempt but not the trial: it goes back to ``waiting``
+    (``error`` says why) and runs again as its next attempt; ``actions`` follow the commit."""
+
+    error: str
+    actions: list[Action]
+
+
+_Decision = trials.Outcome | _Release  # what a terminal event comes to: see _store_batch
 
 
 class _HandlerError(Exception):

@@ -183,19 +183,61 @@ def test_the_starts_reports_and_outcomes_of_a_burst_cost_a_statement_each_whatev
     for run_id in executor.submitted:
         executor.finish(run_id, 0.5, epochs=4)  # three trials, twelve reports
     statements.clear()
-    scheduler.run_pass()
+    scheduler._handle_events(executor.drain())
     sent = [" ".join(s.split()).replace(" = ", "=") for s in statements]
-    metric_writes = [s for s in sent if s.startswith("INSERT INTO trial_metrics")]
-    starts = [s for s in sent if s.startswith("UPDATE trials SET") and "env=" in s]
-    heartbeats = [
-        s for s in sent if s.startswith("UPDATE trials SET heartbeat_at=") and "env=" not in s
-    ]
-    assert len(metric_writes) == 1 and len(heartbeats) == 1 and len(starts) == 1
-    outcomes = [s for s in sent if s.startswith("UPDATE trials SET state")]
-    assert len(outcomes) == (1 if db.is_postgres else 3)  # SQLite: no round trip to save
+    writes = [s for s in sent if s.startswith(("UPDATE", "INSERT", "WITH"))]
+    if db.is_postgres:  # starts, reports and outcomes of all three: one statement
+        assert len(writes) == 1 and writes[0].startswith("WITH v AS")
+    else:  # SQLite, where a statement costs no round trip: one per kind, one per outcome
+        metric_writes = [s for s in writes if s.startswith("INSERT INTO trial_metrics")]
+        starts = [s for s in writes if s.startswith("UPDATE trials SET") and "env=" in s]
+        heartbeats = [s for s in writes if s.startswith("UPDATE trials SET heartbeat_at=")]
+        heartbeats = [s for s in heartbeats if "env=" not in s]
+        outcomes = [s for s in writes if s.startswith("UPDATE trials SET state")]
+        assert len(metric_writes) == len(heartbeats) == len(starts) == 1
+        assert len(outcomes) == 3 and len(writes) == 6
+    rows = trials_of(db, study)[:3]
+    assert [(t.state, t.value, t.env) for t in rows] == [("complete", 0.5, {"host": "manual"})] * 3
+    assert all(t.lease_token is None and t.finished_at and t.heartbeat_at for t in rows)
     with db.read() as s:
-        assert s.execute(select(TrialMetric)).scalars().all().__len__() == 12
-    assert [t.state for t in trials_of(db, study)][:3] == ["complete"] * 3
+        metrics = s.execute(select(TrialMetric.trial_pk, TrialMetric.epoch)).all()
+    assert sorted(metrics) == [(t.pk, epoch) for t in rows for epoch in range(1, 5)]
+
+
+def test_a_stale_attempts_events_change_nothing_and_do_not_reach_optuna(db, tmp_path):
+    scheduler, executor, study = make(db, tmp_path)
+    scheduler.run_pass()
+    stale = scheduler._runs["run-0-1"]
+    with db.write() as s:  # another server took the trial over: the lease moved on
+        moved = text("UPDATE trials SET lease_token = 'other' WHERE pk = :pk")
+        s.execute(moved, {"pk": stale.trial_pk})
+    executor.finish("run-0-1", 0.9)
+    executor.finish("run-1-1", 0.5)
+    scheduler._handle_events(executor.drain())
+    rows = trials_of(db, study)
+    assert (rows[0].state, rows[0].env, rows[0].value) == ("running", None, None)
+    assert (rows[1].state, rows[1].value) == ("complete", 0.5)
+    with db.read() as s:
+        stored = s.execute(select(TrialMetric.trial_pk)).scalars().all()
+    assert set(stored) == {rows[1].pk}
+    values = [t.value for t in scheduler._runtimes[study.pk].optuna_study.get_trials()]
+    assert values[:2] == [None, 0.5]
+
+
+def test_a_retried_attempts_reports_are_stored_before_it_is_released(db, tmp_path):
+    scheduler, executor, study = make(db, tmp_path)
+    scheduler.run_pass()
+    executor.pending += [
+        ExecutorEvent("run-0-1", "started", {"env": {"host": "manual"}}),
+        ExecutorEvent("run-0-1", "report", {"epoch": 1, "metrics": {"val_accuracy": 0.3}}),
+        ExecutorEvent("run-0-1", "failed", {"error": "worker died"}, retryable=True),
+    ]
+    scheduler._handle_events(executor.drain())
+    row = trials_of(db, study)[0]
+    assert (row.state, row.lease_token, row.env) == ("waiting", None, {"host": "manual"})
+    assert row.error == "worker died"
+    with db.read() as s:
+        assert s.execute(select(TrialMetric.epoch)).scalars().all() == [1]
 
 
 def test_a_bad_event_is_dropped_alone(db, tmp_path, caplog):
@@ -221,13 +263,16 @@ def test_events_whose_transaction_failed_are_stored_on_the_next_pass(
     run_id = next(iter(executor.submitted))
     executor.finish(run_id, 0.75)
 
-    real_write, real_handle = scheduler.db.write, scheduler._handle_events
+    real_handle = scheduler._handle_events
     storing = {"calls": 0}
 
-    def failing_write() -> Any:
-        if storing["calls"] == 1:  # the first pass's store (not the refills around it)
-            raise RuntimeError("database went away")
-        return real_write()
+    def failing(real: Callable[[], Any]) -> Callable[[], Any]:
+        def connect() -> Any:
+            if storing["calls"] == 1:  # the first pass's store (not the refills around it)
+                raise RuntimeError("database went away")
+            return real()
+
+        return connect
 
     def handle(events: list[ExecutorEvent]) -> Any:
         storing["calls"] += 1
@@ -236,7 +281,9 @@ def test_events_whose_transaction_failed_are_stored_on_the_next_pass(
         finally:
             storing["calls"] += 1
 
-    monkeypatch.setattr(scheduler.db, "write", failing_write)
+    # the store writes in a transaction, or (PostgreSQL, one statement) in autocommit
+    monkeypatch.setattr(scheduler.db, "write", failing(scheduler.db.write))
+    monkeypatch.setattr(scheduler.db, "autocommit", failing(scheduler.db.autocommit))
     monkeypatch.setattr(scheduler, "_handle_events", handle)
     scheduler.run_pass()
     assert "retrying next pass" in caplog.text
@@ -539,3 +586,81 @@ def test_a_budget_cut_committed_after_the_view_starts_nothing_beyond_it(db, tmp_
     scheduler._fill_study(viewed, has_waiting=False)
     assert len(executor.submitted) == 3
     assert len(trials_of(db, study)) == 3
+
+
+def _store_handles(monkeypatch: pytest.MonkeyPatch, db: Database) -> list[str]:
+    """Records which kind of connection each store of ``db`` opened."""
+    opened: list[str] = []
+    for name in ("write", "autocommit_session"):
+        real = getattr(db, name)
+
+        def opening(real: Callable[[], Any] = real, name: str = name) -> Any:
+            opened.append(name)
+            return real()
+
+        monkeypatch.setattr(db, name, opening)
+    return opened
+
+
+@pytest.mark.postgres
+def test_on_postgresql_a_pass_of_results_is_stored_without_a_transaction(
+    pg_schema_url, tmp_path, monkeypatch
+):
+    migrate.upgrade(pg_schema_url)
+    db = Database(pg_schema_url)
+    try:
+        scheduler, executor, study = make(db, tmp_path)
+        scheduler.run_pass()
+        for run_id in executor.submitted:
+            executor.finish(run_id, 0.5)
+        opened = _store_handles(monkeypatch, scheduler.db)
+        view = scheduler._handle_events(executor.drain())
+        assert opened == ["autocommit_session"]
+        assert view is not None and [s.pk for s in view.studies] == [study.pk]
+        assert [t.state for t in trials_of(db, study)] == ["complete"] * 3
+    finally:
+        db.dispose()
+
+
+@pytest.mark.postgres
+def test_on_postgresql_a_failure_is_stored_in_a_transaction_with_its_count(
+    pg_schema_url, tmp_path, monkeypatch
+):
+    migrate.upgrade(pg_schema_url)
+    db = Database(pg_schema_url)
+    try:
+        scheduler, executor, study = make(db, tmp_path)
+        scheduler.run_pass()
+        executor.finish("run-1-1", 0.5)
+        executor.pending.append(ExecutorEvent("run-0-1", "failed", {"error": "bug"}))
+        opened = _store_handles(monkeypatch, scheduler.db)
+        scheduler._handle_events(executor.drain())
+        assert opened == ["write"]
+        assert [t.state for t in trials_of(db, study)] == ["failed", "complete", "running"]
+    finally:
+        db.dispose()
+
+
+@pytest.mark.postgres
+def test_on_postgresql_stored_events_are_acted_on_even_if_the_view_read_after_fails(
+    pg_schema_url, tmp_path, monkeypatch, caplog
+):
+    migrate.upgrade(pg_schema_url)
+    db = Database(pg_schema_url)
+    try:
+        scheduler, executor, study = make(db, tmp_path)
+        scheduler.run_pass()
+        executor.finish("run-0-1", 0.75)
+
+        def broken(session: Any) -> Any:
+            raise RuntimeError("connection lost after the write")
+
+        monkeypatch.setattr(scheduler, "_view", broken)
+        assert scheduler._handle_events(executor.drain()) is None
+        assert "reading the active studies failed" in caplog.text
+        assert trials_of(db, study)[0].state == "complete"
+        assert scheduler._unstored == []  # stored once: not queued to be stored again
+        assert scheduler._runtimes[study.pk].optuna_study.get_trials()[0].value == 0.75
+        assert "run-0-1" not in scheduler._runs
+    finally:
+        db.dispose()
