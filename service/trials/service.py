@@ -17,7 +17,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Table, bindparam, func, insert, select, text, tuple_, update
+from sqlalchemy import (
+    CursorResult,
+    DateTime,
+    Table,
+    bindparam,
+    func,
+    insert,
+    select,
+    text,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
@@ -453,6 +464,36 @@ _RECORD_EVENTS_PG = text(
 )
 
 
+# The same on SQLite (3.35+: UPDATE ... FROM, RETURNING, json_each), less the metric upsert,
+# which SQLite cannot put in the same statement. RETURNING may name only the target table, so
+# an attempt is known by its pk (record_events falls back when a pass holds two leases of one).
+_RECORD_EVENTS_SQLITE = text(
+    """
+    UPDATE trials SET
+        env = CASE WHEN v.has_env THEN v.env ELSE trials.env END,
+        heartbeat_at = CASE WHEN v.beat THEN :now ELSE trials.heartbeat_at END,
+        state = CASE WHEN v.ends THEN v.state ELSE trials.state END,
+        value = CASE WHEN v.ends THEN v.value ELSE trials.value END,
+        "values" = CASE WHEN v.ends THEN v."values" ELSE trials."values" END,
+        metrics = CASE WHEN v.ends THEN v.metrics ELSE trials.metrics END,
+        error = CASE WHEN v.ends THEN v.error ELSE trials.error END,
+        lease_token = CASE WHEN v.ends THEN NULL ELSE trials.lease_token END,
+        finished_at = CASE WHEN v.ends THEN :now ELSE trials.finished_at END
+    FROM (
+        SELECT json_extract(value, '$.pk') AS pk, json_extract(value, '$.lease') AS lease,
+            json_extract(value, '$.has_env') AS has_env, json_extract(value, '$.env') AS env,
+            json_extract(value, '$.beat') AS beat, json_extract(value, '$.ends') AS ends,
+            json_extract(value, '$.state') AS state, json_extract(value, '$.value') AS value,
+            json_extract(value, '$.values') AS "values",
+            json_extract(value, '$.metrics') AS metrics, json_extract(value, '$.error') AS error
+        FROM json_each(:rows)
+    ) AS v
+    WHERE trials.pk = v.pk AND trials.state = 'running' AND trials.lease_token = v.lease
+    RETURNING trials.pk
+    """
+).bindparams(bindparam("now", type_=DateTime(timezone=True)))
+
+
 def record_events(
     session: Session,
     started: Sequence[tuple[int, str, dict[str, Any]]],
@@ -463,19 +504,24 @@ def record_events(
     :func:`record_reports`, then :func:`finish_many`, with their results (the reports stored,
     the ``(pk, lease)`` pairs whose outcome was recorded).
 
-    On PostgreSQL all three are one statement: one row per attempt carries what its events
-    of the pass change (where it runs, a heartbeat, how it ended) into one compare-and-set on
-    ``(pk, lease)``, and the metric upsert in the same statement takes the reports of the
-    attempts that set found running. The effect is that of the three in order -- an
-    attempt's outcome is its last event of a pass -- in one round trip instead of four.
-    On SQLite, where a statement costs no round trip, the three run as they are.
+    One row per attempt carries what its events of the pass change (where it runs, a
+    heartbeat, how it ended) into one compare-and-set on ``(pk, lease)``; the metric upsert
+    takes the reports of the attempts that set found running. The effect is that of the three
+    in order -- an attempt's outcome is its last event of a pass. On PostgreSQL it is one
+    statement (one round trip instead of four); on SQLite two (the upsert cannot join the
+    update there), where the three took one per kind and one per outcome -- each
+    statement's Python overhead was most of the cost.
     """
-    if not _on_postgres(session):
-        record_started(session, started)
-        stored = record_reports(session, reports)
-        return stored, finish_many(session, ends)
     if not (started or reports or ends):
         return [], set()
+    postgres = _on_postgres(session)
+    pks = [pk for pk, _, _ in started] + [r.pk for r in reports] + [pk for pk, _, _ in ends]
+    keys = {(pk, lease) for pk, lease, _ in started} | {(r.pk, r.lease) for r in reports}
+    keys |= {(pk, lease) for pk, lease, _ in ends}
+    if not postgres and len(keys) != len(set(pks)):  # two leases of one trial: rare, and
+        record_started(session, started)  # SQLite's RETURNING could not tell them apart
+        stored = record_reports(session, reports)
+        return stored, finish_many(session, ends)
     rows: dict[tuple[int, str], dict[str, Any]] = {}
 
     def row(pk: int, lease: str) -> dict[str, Any]:
@@ -497,8 +543,10 @@ def record_events(
             metrics=o.metrics,
             error=o.error,
         )
-    metric_rows = {  # the last report of an epoch wins, as it would one statement at a time
-        (r.pk, r.epoch): {
+    # The last report of an attempt's epoch wins, as it would one statement at a time (and
+    # of two attempts' reports of an epoch, the stale one drops out in the lease join).
+    metric_rows = {
+        (r.pk, r.lease, r.epoch): {
             "trial_pk": r.pk,
             "lease": r.lease,
             "epoch": r.epoch,
@@ -507,16 +555,33 @@ def record_events(
         }
         for r in reports
     }
-    found = session.execute(
-        _RECORD_EVENTS_PG,
-        {
-            "now": utcnow(),
-            "rows": json.dumps(list(rows.values())),
-            "reports": json.dumps(list(metric_rows.values())),
-        },
-    ).all()
-    alive = {(pk, lease) for pk, lease, _ in found}
-    ended = {(pk, lease) for pk, lease, done in found if done}
+    now = utcnow()
+    if postgres:
+        found = session.execute(
+            _RECORD_EVENTS_PG,
+            {
+                "now": now,
+                "rows": json.dumps(list(rows.values())),
+                "reports": json.dumps(list(metric_rows.values())),
+            },
+        ).all()
+        alive = {(pk, lease) for pk, lease, _ in found}
+        ended = {(pk, lease) for pk, lease, done in found if done}
+    else:
+        changed = set(
+            session.execute(
+                _RECORD_EVENTS_SQLITE, {"now": now, "rows": json.dumps(list(rows.values()))}
+            ).scalars()
+        )
+        alive = {key for key in rows if key[0] in changed}
+        ended = {key for key, row in rows.items() if key[0] in changed and row["ends"]}
+        upserts = [
+            {**{k: v for k, v in row.items() if k != "lease"}, "created_at": now}
+            for row in metric_rows.values()
+            if (row["trial_pk"], row["lease"]) in alive
+        ]
+        if upserts:
+            session.execute(_UPSERT_METRIC_SQLITE, upserts)
     return [r for r in reports if (r.pk, r.lease) in alive], ended
 
 

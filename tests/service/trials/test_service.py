@@ -226,3 +226,52 @@ def test_record_started_stores_where_each_attempt_runs_and_ignores_stale_leases(
     with db.read() as s:
         assert s.get(Trial, a).env == env
         assert s.get(Trial, b).env is None and s.get(Trial, b).lease_token == lease_b
+
+
+def test_record_events_applies_a_passs_starts_reports_and_outcomes_in_order(db):
+    study = _study(db)
+    with db.write() as s:
+        made = trials.create_running(s, study_pk=study.pk, params=[{"t": 1.0}, {"t": 2.0}] * 2)
+    (a, _, lease_a), (b, _, lease_b), (c, _, lease_c), (d, _, lease_d) = made
+    with db.write() as s:
+        before = s.get(Trial, d).heartbeat_at
+        assert trials.release(s, c, lease_c)  # its lease is gone: its events change nothing
+    report = trials.Report
+    with db.write() as s:
+        stored, recorded = trials.record_events(
+            s,
+            started=[(a, lease_a, {"node": "n1"}), (c, lease_c, {"node": "stale"})],
+            reports=[
+                report(a, lease_a, 1, 1, {"acc": 0.1}),
+                report(a, lease_a, 1, 1, {"acc": 0.2}),  # the epoch's last report wins
+                report(b, lease_b, 1, 1, {"acc": 0.3}),
+                report(c, lease_c, 1, 1, {"acc": 0.9}),
+            ],
+            ends=[
+                (a, lease_a, trials.Outcome("complete", 0.2, [0.2], {"acc": 0.2})),
+                (d, lease_d, trials.Outcome("failed", error="boom")),
+            ],
+        )
+    assert [(r.pk, r.metrics) for r in stored] == [
+        (a, {"acc": 0.1}),
+        (a, {"acc": 0.2}),
+        (b, {"acc": 0.3}),
+    ]
+    assert recorded == {(a, lease_a), (d, lease_d)}
+    with db.read() as s:
+        rows = {pk: s.get(Trial, pk) for pk in (a, b, c, d)}
+        metrics = s.execute(select(TrialMetric.trial_pk, TrialMetric.metrics)).all()
+    assert sorted(metrics) == sorted([(a, {"acc": 0.2}), (b, {"acc": 0.3})])
+    assert (rows[a].state, rows[a].env, rows[a].value, rows[a].lease_token) == (
+        "complete",
+        {"node": "n1"},
+        0.2,
+        None,
+    )
+    assert rows[a].finished_at is not None and rows[a].heartbeat_at is not None
+    assert (rows[b].state, rows[b].lease_token, rows[b].env) == ("running", lease_b, None)
+    assert (rows[c].state, rows[c].env) == ("waiting", None)
+    assert (rows[d].state, rows[d].error, rows[d].values) == ("failed", "boom", None)
+    assert rows[d].heartbeat_at == before  # an outcome alone is no heartbeat
+    with db.write() as s:
+        assert trials.record_events(s, [], [], []) == ([], set())
