@@ -46,6 +46,7 @@ from service.runtime import StudyRuntime, rebuild
 from service.scheduler_events import ActiveStudy, EventHook, EventStore, Run, View
 from service.studies.models import ACTIVE_STATUSES, Study
 from service.studies.spec import StudySpec
+from service.trials import batch
 from service.trials import service as trials
 from service.trials.models import Trial
 from workers.executor import Executor, ExecutorEvent, Resources
@@ -331,7 +332,7 @@ class Scheduler(EventStore):
     def _fill_fast(self, study: ActiveStudy) -> bool:
         """The commonest fill -- new sampler trials for a study whose stored spec the runtime
         already holds -- as one autocommitted statement on PostgreSQL, conditional on the study
-        row being as the pass's view read it (:func:`trials.create_running_if_unchanged`).
+        row being as the pass's view read it (:func:`batch.create_running_if_unchanged`).
         Returns False, having written nothing, whenever the locking path must decide: another
         backend, a study not yet or no longer as the runtime knows it, one that may complete or
         time out, or a row that changed since the view (a pause, an edit, an enqueue)."""
@@ -365,7 +366,7 @@ class Scheduler(EventStore):
                 asked.append(otrial)
                 params.append(trial_params)
             with self.db.autocommit() as conn:
-                created = trials.create_running_if_unchanged(
+                created = batch.create_running_if_unchanged(
                     conn, study_pk=study.pk, seen=study.updated_at, params=params, now=now
                 )
         finally:
@@ -454,7 +455,7 @@ class Scheduler(EventStore):
                 break
             room -= 1
             planned.append(resources)
-        created = trials.create_running(
+        created = batch.create_running(
             session, study_pk=study.pk, params=[p for _, p in new_params]
         )
         for (otrial, params), (pk, number, lease) in zip(new_params, created, strict=True):

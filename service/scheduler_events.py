@@ -26,6 +26,7 @@ from service import search
 from service.db import Database, utcnow
 from service.runtime import StudyRuntime
 from service.studies.models import ACTIVE_STATUSES, Study
+from service.trials import batch
 from service.trials import service as trials
 from service.trials.models import Trial
 from workers.executor import Executor, ExecutorEvent, Resources
@@ -153,7 +154,7 @@ class EventStore:
         savepoint (a few statements more per event, so only after a failure).
 
         On PostgreSQL, a batch whose writes are the one statement of
-        :func:`trials.record_events` and nothing else -- no attempt to release, no failure
+        :func:`batch.record_events` and nothing else -- no attempt to release, no failure
         to count against ``max_failures`` -- needs no transaction around it: that statement
         commits on its own, which saves the BEGIN and COMMIT round trips of most passes.
         Its effects are then acted on even if the view read after it fails (None is
@@ -185,7 +186,7 @@ class EventStore:
         return after, view
 
     def _needs_transaction(self, todo: list[tuple[Run, ExecutorEvent]]) -> bool:
-        """Whether storing ``todo`` writes more than :func:`trials.record_events`: a release
+        """Whether storing ``todo`` writes more than :func:`batch.record_events`: a release
         (a run to retry or drain) or a failed outcome (the ``max_failures`` count)."""
         for run, event in todo:
             if event.kind in ("failed", "cancelled"):
@@ -216,7 +217,7 @@ class EventStore:
 
     def _store_batch(self, session: Session, todo: list[tuple[Run, ExecutorEvent]]) -> list[Action]:
         """Store ``todo`` with as few statements as its kinds allow
-        (:func:`trials.record_events`: one on PostgreSQL; on SQLite one for the starts, two for
+        (:func:`batch.record_events`: one on PostgreSQL; on SQLite one for the starts, two for
         the reports, one per outcome), then hand back the runs to retry. Per run, the order
         of its events is kept: a run's terminal event is its last, so its outcome is written
         with (or after) its start and reports, and a run handed back to ``waiting`` is
@@ -237,7 +238,7 @@ class EventStore:
                 else:
                     outcomes.append((run, decided))
         runs = {(run.trial_pk, run.lease): run for run, _ in reports}
-        stored, recorded = trials.record_events(
+        stored, recorded = batch.record_events(
             session,
             started,
             [_report(run, e) for run, e in reports],
@@ -251,12 +252,12 @@ class EventStore:
         return after
 
     def _on_started(self, session: Session, run: Run, event: ExecutorEvent) -> list[Action]:
-        trials.record_started(session, [_started(run, event)])
+        batch.record_started(session, [_started(run, event)])
         return []
 
     def _on_report(self, session: Session, run: Run, event: ExecutorEvent) -> list[Action]:
         report = _report(run, event)
-        if not trials.record_reports(session, [report]):
+        if not batch.record_reports(session, [report]):
             return []
         return [self._reported(run, report.epoch, report.metrics)]
 
@@ -430,8 +431,8 @@ def _started(run: Run, event: ExecutorEvent) -> tuple[int, str, dict[str, Any]]:
     return run.trial_pk, run.lease, dict(event.payload.get("env", {}))
 
 
-def _report(run: Run, event: ExecutorEvent) -> trials.Report:
+def _report(run: Run, event: ExecutorEvent) -> batch.Report:
     payload = event.payload
-    return trials.Report(
+    return batch.Report(
         run.trial_pk, run.lease, int(payload["epoch"]), run.attempt, dict(payload["metrics"])
     )

@@ -499,22 +499,22 @@ def test_on_postgresql_early_refills_take_the_one_statement_path(pg_schema_url, 
 def test_a_failed_fill_stores_nothing_and_leaves_no_optuna_trial_running(db, tmp_path, monkeypatch):
     import optuna
 
-    from service.trials import service as trial_service
+    from service.trials import batch as trial_batch
 
     scheduler, executor, study = make(db, tmp_path)
-    real = trial_service.create_running
+    real = trial_batch.create_running
 
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("insert failed")
 
-    monkeypatch.setattr(trial_service, "create_running", broken)
+    monkeypatch.setattr(trial_batch, "create_running", broken)
     with pytest.raises(RuntimeError, match="insert failed"):
         scheduler.run_pass()
     assert executor.submitted == {} and trials_of(db, study) == []
     states = [t.state for t in scheduler._runtimes[study.pk].optuna_study.get_trials()]
     assert states == [optuna.trial.TrialState.FAIL] * 3
 
-    monkeypatch.setattr(trial_service, "create_running", real)
+    monkeypatch.setattr(trial_batch, "create_running", real)
     scheduler.run_pass()
     assert [t.number for t in trials_of(db, study)] == [0, 1, 2]  # numbers were not used up
     assert len(executor.submitted) == 3
