@@ -303,8 +303,9 @@ class EventStore:
         values = search.objective_values(runtime.spec, metrics)
         if values is None:
             names = [o.metric for o in runtime.spec.objectives]
-            return trials.Outcome("failed", metrics=metrics, error=f"objective {names} missing")
-        return trials.Outcome("complete", values[0], values, metrics)
+            error = f"objective {names} missing"
+            return trials.Outcome("failed", metrics=metrics, error=error, finished_at=event.at)
+        return trials.Outcome("complete", values[0], values, metrics, finished_at=event.at)
 
     def _decide_failed(self, run: Run, event: ExecutorEvent) -> _Decision:
         error = event.payload.get("traceback") or event.payload.get("error") or "unknown error"
@@ -316,23 +317,25 @@ class EventStore:
                 self._emit(run.study_id, {"type": "trial_retry", "number": run.number})
 
             return _Release(str(error), [retry])
-        return trials.Outcome("failed", metrics=run.last_metrics or None, error=str(error))
+        metrics = run.last_metrics or None
+        return trials.Outcome("failed", metrics=metrics, error=str(error), finished_at=event.at)
 
     def _decide_cancelled(self, run: Run, event: ExecutorEvent) -> _Decision:
+        ended, metrics = event.at, run.last_metrics or None
         if run.stop_reason == "pruned":
             return trials.Outcome(
                 "pruned",
                 run.last_value,
                 [run.last_value] if run.last_value is not None else None,
                 run.last_metrics,
+                finished_at=ended,
             )
         if run.stop_reason == "timeout":
-            return trials.Outcome(
-                "failed", metrics=run.last_metrics or None, error="trial_timeout_s exceeded"
-            )
+            error = "trial_timeout_s exceeded"
+            return trials.Outcome("failed", metrics=metrics, error=error, finished_at=ended)
         if run.stop_reason == "drain":
             return _Release("interrupted: the server stopped", [lambda: self._forget(run)])
-        return trials.Outcome("cancelled", metrics=run.last_metrics or None)
+        return trials.Outcome("cancelled", metrics=metrics, finished_at=ended)
 
     def _end_one(self, session: Session, run: Run, decided: _Decision) -> list[Action]:
         if isinstance(decided, _Release):

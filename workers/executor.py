@@ -33,6 +33,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from workers.trial import TrialSpec, run_trial
@@ -108,6 +109,9 @@ class ExecutorEvent:
     kind: EventKind
     payload: dict[str, Any]
     retryable: bool = False
+    #: When the executor received it (UTC): a result's time is when the trial ended, not when
+    #: the scheduler got round to storing it.
+    at: datetime = field(default_factory=lambda: datetime.now(UTC), compare=False)
 
     @property
     def terminal(self) -> bool:

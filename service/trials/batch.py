@@ -50,6 +50,14 @@ def _on_postgres(session: Session) -> bool:
     return session.get_bind().dialect.name == "postgresql"
 
 
+def _finished_at(outcome: Outcome, now: datetime, *, sqlite_format: bool = False) -> str:
+    """An outcome's end time for a JSON row: when the attempt ended if known, else ``now``;
+    ISO 8601 for PostgreSQL, the text SQLAlchemy stores a datetime as for SQLite (its
+    fields as they are: the scheduler's datetimes are all UTC)."""
+    at = outcome.finished_at or now
+    return at.strftime("%Y-%m-%d %H:%M:%S.%f") if sqlite_format else at.isoformat()
+
+
 def create_running(
     session: Session, *, study_pk: int, params: Sequence[dict[str, Any]]
 ) -> list[tuple[int, int, str]]:
@@ -286,10 +294,10 @@ def record_report(
 _FINISH_MANY = text(
     """
     UPDATE trials SET state = v.state, value = v.value, "values" = v."values",
-        metrics = v.metrics, error = v.error, lease_token = NULL, finished_at = :now
+        metrics = v.metrics, error = v.error, lease_token = NULL, finished_at = v.finished_at
     FROM json_to_recordset(CAST(:rows AS json)) AS v(
         pk integer, lease text, state text, value double precision, "values" json,
-        metrics json, error text)
+        metrics json, error text, finished_at timestamptz)
     WHERE trials.pk = v.pk AND trials.state = 'running' AND trials.lease_token = v.lease
     RETURNING trials.pk, v.lease
     """
@@ -306,6 +314,7 @@ def finish_many(session: Session, ends: Sequence[tuple[int, str, Outcome]]) -> s
         return set()
     if not _on_postgres(session):
         return {(pk, lease) for pk, lease, outcome in ends if finish(session, pk, lease, outcome)}
+    now = utcnow()
     rows = [
         {
             "pk": pk,
@@ -315,10 +324,11 @@ def finish_many(session: Session, ends: Sequence[tuple[int, str, Outcome]]) -> s
             "values": o.values,
             "metrics": o.metrics,
             "error": o.error,
+            "finished_at": _finished_at(o, now),
         }
         for pk, lease, o in ends
     ]
-    found = session.execute(_FINISH_MANY, {"now": utcnow(), "rows": json.dumps(rows)})
+    found = session.execute(_FINISH_MANY, {"rows": json.dumps(rows)})
     return {(pk, lease) for pk, lease in found}
 
 
@@ -330,7 +340,8 @@ _RECORD_EVENTS_PG = text(
     WITH v AS (
         SELECT * FROM json_to_recordset(CAST(:rows AS json)) AS v(
             pk integer, lease text, has_env boolean, env json, beat boolean, ends boolean,
-            state text, value double precision, "values" json, metrics json, error text)
+            state text, value double precision, "values" json, metrics json, error text,
+            finished_at timestamptz)
     ), t AS (
         UPDATE trials SET
             env = CASE WHEN v.has_env THEN v.env ELSE trials.env END,
@@ -341,7 +352,7 @@ _RECORD_EVENTS_PG = text(
             metrics = CASE WHEN v.ends THEN v.metrics ELSE trials.metrics END,
             error = CASE WHEN v.ends THEN v.error ELSE trials.error END,
             lease_token = CASE WHEN v.ends THEN NULL ELSE trials.lease_token END,
-            finished_at = CASE WHEN v.ends THEN :now ELSE trials.finished_at END
+            finished_at = CASE WHEN v.ends THEN v.finished_at ELSE trials.finished_at END
         FROM v
         WHERE trials.pk = v.pk AND trials.state = 'running' AND trials.lease_token = v.lease
         RETURNING trials.pk, v.lease, v.ends
@@ -373,14 +384,15 @@ _RECORD_EVENTS_SQLITE = text(
         metrics = CASE WHEN v.ends THEN v.metrics ELSE trials.metrics END,
         error = CASE WHEN v.ends THEN v.error ELSE trials.error END,
         lease_token = CASE WHEN v.ends THEN NULL ELSE trials.lease_token END,
-        finished_at = CASE WHEN v.ends THEN :now ELSE trials.finished_at END
+        finished_at = CASE WHEN v.ends THEN v.finished_at ELSE trials.finished_at END
     FROM (
         SELECT json_extract(value, '$.pk') AS pk, json_extract(value, '$.lease') AS lease,
             json_extract(value, '$.has_env') AS has_env, json_extract(value, '$.env') AS env,
             json_extract(value, '$.beat') AS beat, json_extract(value, '$.ends') AS ends,
             json_extract(value, '$.state') AS state, json_extract(value, '$.value') AS value,
             json_extract(value, '$.values') AS "values",
-            json_extract(value, '$.metrics') AS metrics, json_extract(value, '$.error') AS error
+            json_extract(value, '$.metrics') AS metrics, json_extract(value, '$.error') AS error,
+            json_extract(value, '$.finished_at') AS finished_at
         FROM json_each(:rows)
     ) AS v
     WHERE trials.pk = v.pk AND trials.state = 'running' AND trials.lease_token = v.lease
@@ -429,6 +441,7 @@ def record_events(
         row(pk, lease).update(has_env=True, env=env, beat=True)
     for report in reports:
         row(report.pk, report.lease)["beat"] = True
+    now = utcnow()
     for pk, lease, o in ends:
         row(pk, lease).update(
             ends=True,
@@ -437,6 +450,7 @@ def record_events(
             values=o.values,
             metrics=o.metrics,
             error=o.error,
+            finished_at=_finished_at(o, now, sqlite_format=not postgres),
         )
     # The last report of an attempt's epoch wins, as it would one statement at a time (and
     # of two attempts' reports of an epoch, the stale one drops out in the lease join).
@@ -450,7 +464,6 @@ def record_events(
         }
         for r in reports
     }
-    now = utcnow()
     if postgres:
         found = session.execute(
             _RECORD_EVENTS_PG,

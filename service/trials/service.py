@@ -15,6 +15,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import (
@@ -110,7 +111,7 @@ _FINISH = (
         metrics=bindparam("b_metrics"),
         error=bindparam("b_error"),
         lease_token=None,
-        finished_at=bindparam("b_now"),
+        finished_at=bindparam("b_finished"),
     )
 )
 
@@ -130,6 +131,7 @@ class Outcome:
     values: list[float] | None = None
     metrics: dict[str, Any] | None = None
     error: str | None = None
+    finished_at: datetime | None = None  # when the attempt ended; None: when it is recorded
 
 
 def finish(session: Session, pk: int, lease: str, outcome: Outcome) -> bool:
@@ -144,6 +146,7 @@ def finish(session: Session, pk: int, lease: str, outcome: Outcome) -> bool:
         b_values=outcome.values,
         b_metrics=outcome.metrics,
         b_error=outcome.error,
+        b_finished=outcome.finished_at or utcnow(),
     )
 
 

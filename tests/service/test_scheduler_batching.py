@@ -4,6 +4,7 @@ on the next pass -- on SQLite and PostgreSQL, with an executor the test drives b
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -421,6 +422,21 @@ def test_a_finished_trials_slot_is_refilled_before_its_events_are_stored(db, tmp
     assert [t.number for t in rows] == list(range(6))
     runtime = scheduler._runtimes[study.pk]
     assert [t.value for t in runtime.optuna_study.get_trials() if t.value is not None] == [0.5] * 3
+
+
+def test_a_refilled_slot_never_shows_two_trials_at_once(db, tmp_path):
+    """A trial's ``finished_at`` is when its result arrived, so the trial started in its slot
+    before the result was stored still starts after it ended, as stored."""
+    scheduler, executor, study = make(db, tmp_path, parallel=1)
+    scheduler.run_pass()
+    for number in range(3):
+        executor.finish(f"run-{number}-1", 0.5)
+        time.sleep(0.01)  # the result waits a little before the pass stores it
+        scheduler.run_pass()
+    rows = trials_of(db, study)
+    assert [t.state for t in rows] == ["complete"] * 3 + ["running"]
+    for done, started in itertools.pairwise(rows):
+        assert done.finished_at <= started.started_at
 
 
 def test_a_failed_trials_slot_is_refilled_only_after_its_failure_is_stored(db, tmp_path):

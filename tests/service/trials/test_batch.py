@@ -1,6 +1,8 @@
 """The scheduler's batched trial writes, on SQLite and PostgreSQL: every row of a batch is the
 same lease compare-and-set as a single write, whatever the statement that carries it."""
 
+from datetime import UTC, datetime
+
 from sqlalchemy import select
 
 from service.trials import batch
@@ -140,6 +142,7 @@ def test_record_events_applies_a_passs_starts_reports_and_outcomes_in_order(db):
         before = s.get(Trial, d).heartbeat_at
         assert trials.release(s, c, lease_c)  # its lease is gone: its events change nothing
     report = batch.Report
+    at = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)  # when the attempt ended
     with db.write() as s:
         stored, recorded = batch.record_events(
             s,
@@ -151,7 +154,7 @@ def test_record_events_applies_a_passs_starts_reports_and_outcomes_in_order(db):
                 report(c, lease_c, 1, 1, {"acc": 0.9}),
             ],
             ends=[
-                (a, lease_a, trials.Outcome("complete", 0.2, [0.2], {"acc": 0.2})),
+                (a, lease_a, trials.Outcome("complete", 0.2, [0.2], {"acc": 0.2}, finished_at=at)),
                 (d, lease_d, trials.Outcome("failed", error="boom")),
             ],
         )
@@ -171,10 +174,15 @@ def test_record_events_applies_a_passs_starts_reports_and_outcomes_in_order(db):
         0.2,
         None,
     )
-    assert rows[a].finished_at is not None and rows[a].heartbeat_at is not None
+    assert _utc(rows[a].finished_at) == at and rows[a].heartbeat_at is not None
+    assert _utc(rows[d].finished_at) > at  # no end time given: when it was recorded
     assert (rows[b].state, rows[b].lease_token, rows[b].env) == ("running", lease_b, None)
     assert (rows[c].state, rows[c].env) == ("waiting", None)
     assert (rows[d].state, rows[d].error, rows[d].values) == ("failed", "boom", None)
     assert rows[d].heartbeat_at == before  # an outcome alone is no heartbeat
     with db.write() as s:
         assert batch.record_events(s, [], [], []) == ([], set())
+
+
+def _utc(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)  # SQLite: naive, in UTC
