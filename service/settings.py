@@ -43,7 +43,7 @@ class Settings(BaseSettings):
         ge=0,
         le=1,
         description="how long the scheduler lets a burst of trial reports gather before "
-        "storing them in one transaction (a finished trial is stored at once)",
+        "storing them in one write (a finished trial cuts the wait short)",
     )
     checkpoint_root: str = Field("./runs", description="where trials write their checkpoints")
     default_owner: str = Field("local", description="owner of every study while auth is off")
