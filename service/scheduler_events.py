@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any, cast
@@ -160,14 +160,15 @@ class EventStore:
         Its effects are then acted on even if the view read after it fails (None is
         returned for the view): they are stored, and a retry would find the leases spent.
         """
-        if not isolate and self.db.is_postgres and not self._needs_transaction(todo):
-            return self._store_autocommitted(todo)
+        decided = {} if isolate else self._decide_terminal(todo)
+        if not isolate and self.db.is_postgres and not _needs_transaction(decided.values()):
+            return self._store_autocommitted(todo, decided)
         after: list[Action] = []
         try:
             with self.db.write() as session:
                 if not isolate:
                     try:
-                        after = self._store_batch(session, todo)
+                        after = self._store_batch(session, todo, decided)
                     except Exception as exc:
                         raise _HandlerError from exc
                 else:
@@ -185,25 +186,18 @@ class EventStore:
             raise
         return after, view
 
-    def _needs_transaction(self, todo: list[tuple[Run, ExecutorEvent]]) -> bool:
-        """Whether storing ``todo`` writes more than :func:`batch.record_events`: a release
-        (a run to retry or drain) or a failed outcome (the ``max_failures`` count)."""
-        for run, event in todo:
-            if event.kind in ("failed", "cancelled"):
-                return True
-            if event.kind == "result":
-                decided = self._decide(run, event)
-                if isinstance(decided, _Release) or decided.state == "failed":
-                    return True
-        return False
+    def _decide_terminal(self, todo: list[tuple[Run, ExecutorEvent]]) -> dict[str, _Decision]:
+        """What each terminal event of ``todo`` comes to, by run (a run's terminal event is its
+        last: the executor drops anything after it)."""
+        return {run.run_id: self._decide(run, e) for run, e in todo if e.terminal}
 
     def _store_autocommitted(
-        self, todo: list[tuple[Run, ExecutorEvent]]
+        self, todo: list[tuple[Run, ExecutorEvent]], decided: dict[str, _Decision]
     ) -> tuple[list[Action], View | None]:
         """:meth:`_store` for a batch that is one statement (see there)."""
         with self.db.autocommit_session() as session:
             try:
-                after = self._store_batch(session, todo)
+                after = self._store_batch(session, todo, decided)
             except Exception as exc:  # nothing was written: the statement rolled back
                 for run, _ in todo:
                     run.ended = False
@@ -215,13 +209,17 @@ class EventStore:
                 view = None
         return after, view
 
-    def _store_batch(self, session: Session, todo: list[tuple[Run, ExecutorEvent]]) -> list[Action]:
-        """Store ``todo`` with as few statements as its kinds allow
-        (:func:`batch.record_events`: one on PostgreSQL; on SQLite one for the starts, two for
-        the reports, one per outcome), then hand back the runs to retry. Per run, the order
-        of its events is kept: a run's terminal event is its last, so its outcome is written
-        with (or after) its start and reports, and a run handed back to ``waiting`` is
-        released after they are stored."""
+    def _store_batch(
+        self,
+        session: Session,
+        todo: list[tuple[Run, ExecutorEvent]],
+        decided: dict[str, _Decision],
+    ) -> list[Action]:
+        """Store ``todo`` (its terminal events ``decided`` by run) in as few statements as the
+        backend allows (:func:`batch.record_events`: one on PostgreSQL, two on SQLite), then
+        hand back the runs to retry. Per run, the order of its events is kept: a run's
+        terminal event is its last, so its outcome is written with its start and reports, and
+        a run handed back to ``waiting`` is released after they are stored."""
         started: list[tuple[int, str, dict[str, Any]]] = []
         reports: list[tuple[Run, ExecutorEvent]] = []
         outcomes: list[tuple[Run, trials.Outcome]] = []
@@ -232,11 +230,11 @@ class EventStore:
             elif event.kind == "report":
                 reports.append((run, event))
             else:
-                decided = self._decide(run, event)
-                if isinstance(decided, _Release):
-                    releases.append((run, decided))
+                decision = decided[run.run_id]
+                if isinstance(decision, _Release):
+                    releases.append((run, decision))
                 else:
-                    outcomes.append((run, decided))
+                    outcomes.append((run, decision))
         runs = {(run.trial_pk, run.lease): run for run, _ in reports}
         stored, recorded = batch.record_events(
             session,
@@ -405,6 +403,12 @@ class _Release:
 
 
 _Decision = trials.Outcome | _Release  # what a terminal event comes to: see _store_batch
+
+
+def _needs_transaction(decisions: Iterable[_Decision]) -> bool:
+    """Whether a batch writes more than :func:`batch.record_events`: a release (a run to
+    retry or drain) or a failed outcome (the ``max_failures`` count)."""
+    return any(isinstance(d, _Release) or d.state == "failed" for d in decisions)
 
 
 class _HandlerError(Exception):

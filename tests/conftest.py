@@ -57,8 +57,18 @@ def db_url(request: pytest.FixtureRequest, tmp_path) -> str:
 @pytest.fixture
 def db(db_url: str) -> Iterator[Database]:
     """A migrated database."""
-    migrate.upgrade(db_url)
-    database = Database(db_url)
+    yield from _migrated(db_url)
+
+
+@pytest.fixture
+def pg_db(pg_schema_url: str) -> Iterator[Database]:
+    """A migrated PostgreSQL database, for tests of what only PostgreSQL does."""
+    yield from _migrated(pg_schema_url)
+
+
+def _migrated(url: str) -> Iterator[Database]:
+    migrate.upgrade(url)
+    database = Database(url)
     yield database
     database.dispose()
 

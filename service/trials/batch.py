@@ -332,27 +332,31 @@ def finish_many(session: Session, ends: Sequence[tuple[int, str, Outcome]]) -> s
     return {(pk, lease) for pk, lease in found}
 
 
+# What one row ``v`` of a pass (see record_events) changes in its trial: where it runs
+# (``has_env``), a heartbeat (``beat``), how it ended (``ends``); the rest stays as it is.
+_UPDATE_FROM_V = """UPDATE trials SET
+        env = CASE WHEN v.has_env THEN v.env ELSE trials.env END,
+        heartbeat_at = CASE WHEN v.beat THEN :now ELSE trials.heartbeat_at END,
+        state = CASE WHEN v.ends THEN v.state ELSE trials.state END,
+        value = CASE WHEN v.ends THEN v.value ELSE trials.value END,
+        "values" = CASE WHEN v.ends THEN v."values" ELSE trials."values" END,
+        metrics = CASE WHEN v.ends THEN v.metrics ELSE trials.metrics END,
+        error = CASE WHEN v.ends THEN v.error ELSE trials.error END,
+        lease_token = CASE WHEN v.ends THEN NULL ELSE trials.lease_token END,
+        finished_at = CASE WHEN v.ends THEN v.finished_at ELSE trials.finished_at END"""
+
 # A pass's starts, reports and outcomes in one statement (PostgreSQL; see record_events): one
 # row per attempt says what its events of the pass change; the metric upsert takes only the
 # reports of the attempts the compare-and-set found running under their lease.
 _RECORD_EVENTS_PG = text(
-    """
+    f"""
     WITH v AS (
         SELECT * FROM json_to_recordset(CAST(:rows AS json)) AS v(
             pk integer, lease text, has_env boolean, env json, beat boolean, ends boolean,
             state text, value double precision, "values" json, metrics json, error text,
             finished_at timestamptz)
     ), t AS (
-        UPDATE trials SET
-            env = CASE WHEN v.has_env THEN v.env ELSE trials.env END,
-            heartbeat_at = CASE WHEN v.beat THEN :now ELSE trials.heartbeat_at END,
-            state = CASE WHEN v.ends THEN v.state ELSE trials.state END,
-            value = CASE WHEN v.ends THEN v.value ELSE trials.value END,
-            "values" = CASE WHEN v.ends THEN v."values" ELSE trials."values" END,
-            metrics = CASE WHEN v.ends THEN v.metrics ELSE trials.metrics END,
-            error = CASE WHEN v.ends THEN v.error ELSE trials.error END,
-            lease_token = CASE WHEN v.ends THEN NULL ELSE trials.lease_token END,
-            finished_at = CASE WHEN v.ends THEN v.finished_at ELSE trials.finished_at END
+        {_UPDATE_FROM_V}
         FROM v
         WHERE trials.pk = v.pk AND trials.state = 'running' AND trials.lease_token = v.lease
         RETURNING trials.pk, v.lease, v.ends
@@ -374,17 +378,8 @@ _RECORD_EVENTS_PG = text(
 # which SQLite cannot put in the same statement. RETURNING may name only the target table, so
 # an attempt is known by its pk (record_events falls back when a pass holds two leases of one).
 _RECORD_EVENTS_SQLITE = text(
-    """
-    UPDATE trials SET
-        env = CASE WHEN v.has_env THEN v.env ELSE trials.env END,
-        heartbeat_at = CASE WHEN v.beat THEN :now ELSE trials.heartbeat_at END,
-        state = CASE WHEN v.ends THEN v.state ELSE trials.state END,
-        value = CASE WHEN v.ends THEN v.value ELSE trials.value END,
-        "values" = CASE WHEN v.ends THEN v."values" ELSE trials."values" END,
-        metrics = CASE WHEN v.ends THEN v.metrics ELSE trials.metrics END,
-        error = CASE WHEN v.ends THEN v.error ELSE trials.error END,
-        lease_token = CASE WHEN v.ends THEN NULL ELSE trials.lease_token END,
-        finished_at = CASE WHEN v.ends THEN v.finished_at ELSE trials.finished_at END
+    f"""
+    {_UPDATE_FROM_V}
     FROM (
         SELECT json_extract(value, '$.pk') AS pk, json_extract(value, '$.lease') AS lease,
             json_extract(value, '$.has_env') AS has_env, json_extract(value, '$.env') AS env,

@@ -489,27 +489,23 @@ def test_early_refills_never_start_more_than_the_budget(db, tmp_path):
 
 
 @pytest.mark.postgres
-def test_on_postgresql_early_refills_take_the_one_statement_path(pg_schema_url, tmp_path):
-    migrate.upgrade(pg_schema_url)
-    db = Database(pg_schema_url)
+def test_on_postgresql_early_refills_take_the_one_statement_path(pg_db, tmp_path):
+    db = pg_db
     seen: list[str] = []
-    try:
-        scheduler, executor, study = make(db, tmp_path, n_trials=8)
+    scheduler, executor, study = make(db, tmp_path, n_trials=8)
+    scheduler.run_pass()
+    event.listen(scheduler.db.engine, "before_cursor_execute", lambda *a: seen.append(a[2]))
+    stored = _stored_after(scheduler, executor)
+    for number in range(3):
+        executor.finish(f"run-{number}-1", 0.5)
         scheduler.run_pass()
-        event.listen(scheduler.db.engine, "before_cursor_execute", lambda *a: seen.append(a[2]))
-        stored = _stored_after(scheduler, executor)
-        for number in range(3):
-            executor.finish(f"run-{number}-1", 0.5)
-            scheduler.run_pass()
-        # every refill is one guarded statement, none locked; the first follows the store (the
-        # study's first fill took the locking way, so the pass reads the row anew), the
-        # others come before it, from the view their predecessors kept current
-        assert stored == [3, 5, 6]
-        assert sum("WITH s AS (" in s for s in seen) == 3
-        assert not [s for s in seen if "FOR UPDATE" in s]
-        assert [t.state for t in trials_of(db, study)] == ["complete"] * 3 + ["running"] * 3
-    finally:
-        db.dispose()
+    # every refill is one guarded statement, none locked; the first follows the store (the
+    # study's first fill took the locking way, so the pass reads the row anew), the
+    # others come before it, from the view their predecessors kept current
+    assert stored == [3, 5, 6]
+    assert sum("WITH s AS (" in s for s in seen) == 3
+    assert not [s for s in seen if "FOR UPDATE" in s]
+    assert [t.state for t in trials_of(db, study)] == ["complete"] * 3 + ["running"] * 3
 
 
 def test_a_failed_fill_stores_nothing_and_leaves_no_optuna_trial_running(db, tmp_path, monkeypatch):
@@ -571,23 +567,19 @@ def _one_trial_done_and_viewed(db: Database, tmp_path: Any) -> tuple:
 
 
 @pytest.mark.postgres
-def test_on_postgresql_a_refill_is_one_statement_without_a_lock(pg_schema_url, tmp_path):
-    migrate.upgrade(pg_schema_url)
-    db = Database(pg_schema_url)
+def test_on_postgresql_a_refill_is_one_statement_without_a_lock(pg_db, tmp_path):
+    db = pg_db
     seen: list[str] = []
-    try:
-        scheduler, executor, study, viewed = _one_trial_done_and_viewed(db, tmp_path)
-        event.listen(scheduler.db.engine, "before_cursor_execute", lambda *a: seen.append(a[2]))
-        scheduler._fill_study(viewed, has_waiting=False)
-        assert len(seen) == 1 and "WITH s AS (" in seen[0] and "FOR UPDATE" not in seen[0]
-        assert len(executor.submitted) == 4
-        rows = trials_of(db, study)
-        assert [(t.number, t.state, t.attempts) for t in rows][3] == (3, "running", 1)
-        assert rows[3].lease_token == executor.submitted["run-3-1"].lease_token
-        with db.read() as s:
-            assert s.get(Study, study.pk).next_number == 4
-    finally:
-        db.dispose()
+    scheduler, executor, study, viewed = _one_trial_done_and_viewed(db, tmp_path)
+    event.listen(scheduler.db.engine, "before_cursor_execute", lambda *a: seen.append(a[2]))
+    scheduler._fill_study(viewed, has_waiting=False)
+    assert len(seen) == 1 and "WITH s AS (" in seen[0] and "FOR UPDATE" not in seen[0]
+    assert len(executor.submitted) == 4
+    rows = trials_of(db, study)
+    assert [(t.number, t.state, t.attempts) for t in rows][3] == (3, "running", 1)
+    assert rows[3].lease_token == executor.submitted["run-3-1"].lease_token
+    with db.read() as s:
+        assert s.get(Study, study.pk).next_number == 4
 
 
 def test_a_trial_enqueued_after_the_view_starts_before_new_ones_on_a_refill(db, tmp_path):
@@ -637,63 +629,51 @@ def _store_handles(monkeypatch: pytest.MonkeyPatch, db: Database) -> list[str]:
 
 @pytest.mark.postgres
 def test_on_postgresql_a_pass_of_results_is_stored_without_a_transaction(
-    pg_schema_url, tmp_path, monkeypatch
+    pg_db, tmp_path, monkeypatch
 ):
-    migrate.upgrade(pg_schema_url)
-    db = Database(pg_schema_url)
-    try:
-        scheduler, executor, study = make(db, tmp_path)
-        scheduler.run_pass()
-        for run_id in executor.submitted:
-            executor.finish(run_id, 0.5)
-        opened = _store_handles(monkeypatch, scheduler.db)
-        view = scheduler._handle_events(executor.drain())
-        assert opened == ["autocommit_session"]
-        assert view is not None and [s.pk for s in view.studies] == [study.pk]
-        assert [t.state for t in trials_of(db, study)] == ["complete"] * 3
-    finally:
-        db.dispose()
+    db = pg_db
+    scheduler, executor, study = make(db, tmp_path)
+    scheduler.run_pass()
+    for run_id in executor.submitted:
+        executor.finish(run_id, 0.5)
+    opened = _store_handles(monkeypatch, scheduler.db)
+    view = scheduler._handle_events(executor.drain())
+    assert opened == ["autocommit_session"]
+    assert view is not None and [s.pk for s in view.studies] == [study.pk]
+    assert [t.state for t in trials_of(db, study)] == ["complete"] * 3
 
 
 @pytest.mark.postgres
 def test_on_postgresql_a_failure_is_stored_in_a_transaction_with_its_count(
-    pg_schema_url, tmp_path, monkeypatch
+    pg_db, tmp_path, monkeypatch
 ):
-    migrate.upgrade(pg_schema_url)
-    db = Database(pg_schema_url)
-    try:
-        scheduler, executor, study = make(db, tmp_path)
-        scheduler.run_pass()
-        executor.finish("run-1-1", 0.5)
-        executor.pending.append(ExecutorEvent("run-0-1", "failed", {"error": "bug"}))
-        opened = _store_handles(monkeypatch, scheduler.db)
-        scheduler._handle_events(executor.drain())
-        assert opened == ["write"]
-        assert [t.state for t in trials_of(db, study)] == ["failed", "complete", "running"]
-    finally:
-        db.dispose()
+    db = pg_db
+    scheduler, executor, study = make(db, tmp_path)
+    scheduler.run_pass()
+    executor.finish("run-1-1", 0.5)
+    executor.pending.append(ExecutorEvent("run-0-1", "failed", {"error": "bug"}))
+    opened = _store_handles(monkeypatch, scheduler.db)
+    scheduler._handle_events(executor.drain())
+    assert opened == ["write"]
+    assert [t.state for t in trials_of(db, study)] == ["failed", "complete", "running"]
 
 
 @pytest.mark.postgres
 def test_on_postgresql_stored_events_are_acted_on_even_if_the_view_read_after_fails(
-    pg_schema_url, tmp_path, monkeypatch, caplog
+    pg_db, tmp_path, monkeypatch, caplog
 ):
-    migrate.upgrade(pg_schema_url)
-    db = Database(pg_schema_url)
-    try:
-        scheduler, executor, study = make(db, tmp_path)
-        scheduler.run_pass()
-        executor.finish("run-0-1", 0.75)
+    db = pg_db
+    scheduler, executor, study = make(db, tmp_path)
+    scheduler.run_pass()
+    executor.finish("run-0-1", 0.75)
 
-        def broken(session: Any) -> Any:
-            raise RuntimeError("connection lost after the write")
+    def broken(session: Any) -> Any:
+        raise RuntimeError("connection lost after the write")
 
-        monkeypatch.setattr(scheduler, "_view", broken)
-        assert scheduler._handle_events(executor.drain()) is None
-        assert "reading the active studies failed" in caplog.text
-        assert trials_of(db, study)[0].state == "complete"
-        assert scheduler._unstored == []  # stored once: not queued to be stored again
-        assert scheduler._runtimes[study.pk].optuna_study.get_trials()[0].value == 0.75
-        assert "run-0-1" not in scheduler._runs
-    finally:
-        db.dispose()
+    monkeypatch.setattr(scheduler, "_view", broken)
+    assert scheduler._handle_events(executor.drain()) is None
+    assert "reading the active studies failed" in caplog.text
+    assert trials_of(db, study)[0].state == "complete"
+    assert scheduler._unstored == []  # stored once: not queued to be stored again
+    assert scheduler._runtimes[study.pk].optuna_study.get_trials()[0].value == 0.75
+    assert "run-0-1" not in scheduler._runs
