@@ -12,14 +12,16 @@ is dropped; if the commit fails, the events wait for the next pass.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import Table, func, select
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session
 
 from service import search
@@ -98,12 +100,18 @@ class EventStore:
             except Exception:
                 log.exception("event hook failed")
 
-    def _view(self, session: Session) -> View:
+    def _view(self, session: Session, rows: Sequence[Any] | None = None) -> View:
         """The active studies (priority, then oldest first), which of them have a waiting
-        trial, and the status of every study with a run in flight -- in two statements."""
-        rows = session.execute(_ACTIVE_STUDIES).all()
-        studies = [ActiveStudy(*row[:-1]) for row in rows]
-        waiting = {row.pk for row in rows if row.has_waiting}
+        trial, and the status of every study with a run in flight -- in two statements, the
+        second only if a study with a run in flight is not active. ``rows``: the active
+        studies as already read with :func:`_active_studies_sql` (with the pass's writes)."""
+        if rows is None:
+            rows = session.execute(_ACTIVE_STUDIES).all()
+        else:  # that read's order is not kept: its rows carry their priority to sort by
+            rows = sorted(rows, key=lambda row: (-row[-1], row[0]))
+        n = len(fields(ActiveStudy))
+        studies = [ActiveStudy(*row[:n]) for row in rows]
+        waiting = {row[0] for row in rows if row[n]}
         return View(studies, waiting, self._run_statuses(session, studies))
 
     def _run_statuses(self, session: Session, studies: list[ActiveStudy]) -> dict[int, str]:
@@ -168,7 +176,7 @@ class EventStore:
             with self.db.write() as session:
                 if not isolate:
                     try:
-                        after = self._store_batch(session, todo, decided)
+                        after, _ = self._store_batch(session, todo, decided)
                     except Exception as exc:
                         raise _HandlerError from exc
                 else:
@@ -197,13 +205,14 @@ class EventStore:
         """:meth:`_store` for a batch that is one statement (see there)."""
         with self.db.autocommit_session() as session:
             try:
-                after = self._store_batch(session, todo, decided)
+                read = _active_studies_sql(session.get_bind().dialect)
+                after, rows = self._store_batch(session, todo, decided, read=read)
             except Exception as exc:  # nothing was written: the statement rolled back
                 for run, _ in todo:
                     run.ended = False
                 raise _HandlerError from exc
             try:
-                view: View | None = self._view(session)
+                view: View | None = self._view(session, rows)
             except Exception:
                 log.exception("reading the active studies failed after storing events")
                 view = None
@@ -214,12 +223,15 @@ class EventStore:
         session: Session,
         todo: list[tuple[Run, ExecutorEvent]],
         decided: dict[str, _Decision],
-    ) -> list[Action]:
+        read: str | None = None,
+    ) -> tuple[list[Action], list[Any] | None]:
         """Store ``todo`` (its terminal events ``decided`` by run) in as few statements as the
         backend allows (:func:`batch.record_events`: one on PostgreSQL, two on SQLite), then
         hand back the runs to retry. Per run, the order of its events is kept: a run's
         terminal event is its last, so its outcome is written with its start and reports, and
-        a run handed back to ``waiting`` is released after they are stored."""
+        a run handed back to ``waiting`` is released after they are stored. ``read``
+        (PostgreSQL) is a SELECT run in the same statement; its rows are returned (else
+        None)."""
         started: list[tuple[int, str, dict[str, Any]]] = []
         reports: list[tuple[Run, ExecutorEvent]] = []
         outcomes: list[tuple[Run, trials.Outcome]] = []
@@ -236,18 +248,23 @@ class EventStore:
                 else:
                     outcomes.append((run, decision))
         runs = {(run.trial_pk, run.lease): run for run, _ in reports}
-        stored, recorded = batch.record_events(
+        written = (
             session,
             started,
             [_report(run, e) for run, e in reports],
             [(run.trial_pk, run.lease, outcome) for run, outcome in outcomes],
         )
+        rows = None
+        if read is None:
+            stored, recorded = batch.record_events(*written)
+        else:
+            stored, recorded, rows = batch.record_events_and_read(*written, read)
         after = [self._reported(runs[(r.pk, r.lease)], r.epoch, r.metrics) for r in stored]
         for run, release in releases:
             after.extend(self._end_one(session, run, release))
         for run, outcome in outcomes:
             after.extend(self._ended(session, run, outcome, (run.trial_pk, run.lease) in recorded))
-        return after
+        return after, rows
 
     def _on_started(self, session: Session, run: Run, event: ExecutorEvent) -> list[Action]:
         batch.record_started(session, [_started(run, event)])
@@ -432,6 +449,15 @@ _ACTIVE_STUDIES = (
     .where(_S.c.status.in_(ACTIVE_STATUSES))
     .order_by(_S.c.priority.desc(), _S.c.pk)
 )
+
+
+@functools.cache
+def _active_studies_sql(dialect: Dialect) -> str:
+    """:data:`_ACTIVE_STUDIES` as text, with the priority to sort by: read in the statement
+    that stores a pass's events (:func:`batch.record_events_and_read`), one round trip for
+    both."""
+    statement = _ACTIVE_STUDIES.add_columns(_S.c.priority)
+    return str(statement.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
 
 
 def _started(run: Run, event: ExecutorEvent) -> tuple[int, str, dict[str, Any]]:

@@ -12,13 +12,14 @@ the caller owns the transaction, or runs a single statement autocommitted.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import DateTime, Table, bindparam, insert, text, tuple_, update
+from sqlalchemy import JSON, DateTime, Table, TextualSelect, bindparam, insert, text, tuple_, update
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
@@ -34,6 +35,7 @@ __all__ = [
     "create_running_if_unchanged",
     "finish_many",
     "record_events",
+    "record_events_and_read",
     "record_report",
     "record_reports",
     "record_started",
@@ -48,6 +50,18 @@ _LEASED &= _T.c.lease_token == bindparam("b_lease")
 
 def _on_postgres(session: Session) -> bool:
     return session.get_bind().dialect.name == "postgresql"
+
+
+@functools.cache
+def _events_and_read_pg(read: str) -> TextualSelect:
+    """The pass statement with ``read`` in its final SELECT: the writes' results as one JSON
+    array (the same on every row), then ``read``'s columns; one row with them NULL when
+    ``read`` has none (hence a LEFT JOIN from one row)."""
+    written = "coalesce(json_agg(json_build_array(t.pk, t.lease, t.ends)), '[]'::json)"
+    return text(
+        f"{_EVENTS_CTE_PG} SELECT (SELECT {written} FROM t) AS written, q.* "
+        f"FROM (SELECT 1) AS one LEFT JOIN ({read}) AS q ON true"
+    ).columns(written=JSON)
 
 
 def _finished_at(outcome: Outcome, now: datetime, *, sqlite_format: bool = False) -> str:
@@ -348,8 +362,7 @@ _UPDATE_FROM_V = """UPDATE trials SET
 # A pass's starts, reports and outcomes in one statement (PostgreSQL; see record_events): one
 # row per attempt says what its events of the pass change; the metric upsert takes only the
 # reports of the attempts the compare-and-set found running under their lease.
-_RECORD_EVENTS_PG = text(
-    f"""
+_EVENTS_CTE_PG = f"""
     WITH v AS (
         SELECT * FROM json_to_recordset(CAST(:rows AS json)) AS v(
             pk integer, lease text, has_env boolean, env json, beat boolean, ends boolean,
@@ -369,9 +382,8 @@ _RECORD_EVENTS_PG = text(
         ON CONFLICT (trial_pk, epoch) DO UPDATE
             SET attempt = excluded.attempt, metrics = excluded.metrics
     )
-    SELECT pk, lease, ends FROM t
-    """
-)
+"""
+_RECORD_EVENTS_PG = text(_EVENTS_CTE_PG + "SELECT pk, lease, ends FROM t")
 
 
 # The same on SQLite (3.35+: UPDATE ... FROM, RETURNING, json_each), less the metric upsert,
@@ -396,6 +408,23 @@ _RECORD_EVENTS_SQLITE = text(
 ).bindparams(bindparam("now", type_=DateTime(timezone=True)))
 
 
+def record_events_and_read(
+    session: Session,
+    started: Sequence[tuple[int, str, dict[str, Any]]],
+    reports: Sequence[Report],
+    ends: Sequence[tuple[int, str, Outcome]],
+    read: str,
+) -> tuple[list[Report], set[tuple[int, str]], list[Any]]:
+    """:func:`record_events` on PostgreSQL plus the rows of ``read`` (a SELECT's text, with no
+    parameters, whose first column is never NULL), in the same statement: one round trip for
+    a pass's writes and its next read. The rows come back in no particular order.
+    Every part of a statement sees the same snapshot, taken before its writes, so ``read``
+    sees the database as it was just before them."""
+    if not _on_postgres(session):
+        raise ValueError("record_events_and_read is PostgreSQL-only")
+    return _record_events(session, started, reports, ends, read)
+
+
 def record_events(
     session: Session,
     started: Sequence[tuple[int, str, dict[str, Any]]],
@@ -414,16 +443,30 @@ def record_events(
     update there), where the three took one per kind and one per outcome -- each
     statement's Python overhead was most of the cost.
     """
-    if not (started or reports or ends):
-        return [], set()
+    stored, ended, _ = _record_events(session, started, reports, ends, None)
+    return stored, ended
+
+
+def _record_events(
+    session: Session,
+    started: Sequence[tuple[int, str, dict[str, Any]]],
+    reports: Sequence[Report],
+    ends: Sequence[tuple[int, str, Outcome]],
+    read: str | None,
+) -> tuple[list[Report], set[tuple[int, str]], list[Any]]:
+    read_rows: list[Any] = []  # record_events_and_read's
     postgres = _on_postgres(session)
+    if not (started or reports or ends):
+        if read is not None:
+            read_rows.extend(session.execute(text(read)).all())
+        return [], set(), read_rows
     pks = [pk for pk, _, _ in started] + [r.pk for r in reports] + [pk for pk, _, _ in ends]
     keys = {(pk, lease) for pk, lease, _ in started} | {(r.pk, r.lease) for r in reports}
     keys |= {(pk, lease) for pk, lease, _ in ends}
     if not postgres and len(keys) != len(set(pks)):  # two leases of one trial: rare, and
         record_started(session, started)  # SQLite's RETURNING could not tell them apart
         stored = record_reports(session, reports)
-        return stored, finish_many(session, ends)
+        return stored, finish_many(session, ends), read_rows
     rows: dict[tuple[int, str], dict[str, Any]] = {}
 
     def row(pk: int, lease: str) -> dict[str, Any]:
@@ -460,14 +503,17 @@ def record_events(
         for r in reports
     }
     if postgres:
-        found = session.execute(
-            _RECORD_EVENTS_PG,
-            {
-                "now": now,
-                "rows": json.dumps(list(rows.values())),
-                "reports": json.dumps(list(metric_rows.values())),
-            },
-        ).all()
+        params = {
+            "now": now,
+            "rows": json.dumps(list(rows.values())),
+            "reports": json.dumps(list(metric_rows.values())),
+        }
+        if read is None:
+            found = [tuple(r) for r in session.execute(_RECORD_EVENTS_PG, params)]
+        else:
+            result = session.execute(_events_and_read_pg(read), params).all()
+            found = [tuple(r) for r in result[0].written] if result else []
+            read_rows.extend(row[1:] for row in result if row[1] is not None)
         alive = {(pk, lease) for pk, lease, _ in found}
         ended = {(pk, lease) for pk, lease, done in found if done}
     else:
@@ -485,4 +531,4 @@ def record_events(
         ]
         if upserts:
             session.execute(_UPSERT_METRIC_SQLITE, upserts)
-    return [r for r in reports if (r.pk, r.lease) in alive], ended
+    return [r for r in reports if (r.pk, r.lease) in alive], ended, read_rows

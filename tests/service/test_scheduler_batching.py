@@ -677,3 +677,29 @@ def test_on_postgresql_stored_events_are_acted_on_even_if_the_view_read_after_fa
     assert scheduler._unstored == []  # stored once: not queued to be stored again
     assert scheduler._runtimes[study.pk].optuna_study.get_trials()[0].value == 0.75
     assert "run-0-1" not in scheduler._runs
+
+
+@pytest.mark.postgres
+def test_on_postgresql_the_view_read_with_a_passs_writes_is_the_view(pg_db, tmp_path):
+    """The active studies read in the statement that stores the pass's events -- one round
+    trip for both -- are what a read of their own returns: order, columns, waiting trials."""
+    db = pg_db
+    scheduler, executor, study = make(db, tmp_path)
+    scheduler.run_pass()
+    spec = StudySpec.model_validate({"name": "other", "sampler": {"name": "random"}})
+    other = studies.create_study(db, owner="local", spec=spec)[0]
+    lifecycle.enqueue(db, owner="local", study_id=other.id, params={"lr": 0.01})
+    with db.write() as s:  # the other study first: priority, then oldest
+        s.execute(text("UPDATE studies SET priority = 5 WHERE pk = :pk"), {"pk": other.pk})
+    executor.finish("run-0-1", 0.5)
+    statements: list[str] = []
+    event.listen(scheduler.db.engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    view = scheduler._handle_events(executor.drain())
+    assert len(statements) == 1  # the writes and the read: one statement
+    with db.read() as s:
+        alone = scheduler._view(s)
+    assert view is not None
+    assert [s.pk for s in view.studies] == [other.pk, study.pk]
+    assert view.studies == alone.studies and view.waiting == alone.waiting == {other.pk}
+    assert view.statuses == alone.statuses
+    assert isinstance(view.studies[0].spec, dict) and view.studies[0].updated_at.tzinfo

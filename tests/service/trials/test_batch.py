@@ -3,8 +3,12 @@ same lease compare-and-set as a single write, whatever the statement that carrie
 
 from datetime import UTC, datetime
 
+import pytest
+import sqlalchemy as sa
 from sqlalchemy import select
 
+from service import migrate
+from service.db import Database
 from service.trials import batch
 from service.trials import service as trials
 from service.trials.models import Trial, TrialMetric
@@ -186,3 +190,39 @@ def test_record_events_applies_a_passs_starts_reports_and_outcomes_in_order(db):
 
 def _utc(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)  # SQLite: naive, in UTC
+
+
+@pytest.mark.postgres
+def test_record_events_and_read_writes_and_reads_in_one_statement(pg_db):
+    study = make_study(pg_db)
+    with pg_db.write() as s:
+        [(a, _, lease_a)] = batch.create_running(s, study_pk=study.pk, params=[{"t": 1.0}])
+    seen: list[str] = []
+    sa.event.listen(pg_db.engine, "before_cursor_execute", lambda *args: seen.append(args[2]))
+    outcome = trials.Outcome("complete", 0.5, [0.5], {"acc": 0.5})
+    with pg_db.write() as s:
+        stored, ended, rows = batch.record_events_and_read(
+            s,
+            [],
+            [batch.Report(a, lease_a, 1, 1, {"acc": 0.5})],
+            [(a, lease_a, outcome)],
+            "SELECT pk, state FROM trials",
+        )
+        none = batch.record_events_and_read(s, [], [], [], "SELECT pk FROM trials WHERE false")
+    assert len(seen) == 2  # one statement each
+    assert [r.pk for r in stored] == [a] and ended == {(a, lease_a)}
+    assert [tuple(r) for r in rows] == [(a, "running")]  # the read saw the rows before the write
+    assert none == ([], set(), [])
+    with pg_db.read() as s:
+        assert s.get(Trial, a).state == "complete"
+
+
+def test_record_events_and_read_is_postgresql_only(tmp_path):
+    url = f"sqlite:///{tmp_path / 'tsam.db'}"
+    migrate.upgrade(url)
+    db = Database(url)
+    try:
+        with db.write() as s, pytest.raises(ValueError, match="PostgreSQL-only"):
+            batch.record_events_and_read(s, [], [], [], "SELECT 1")
+    finally:
+        db.dispose()
