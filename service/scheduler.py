@@ -12,10 +12,10 @@ net. Each pass:
 2. stores every pending executor event (starts, reports, results, failures) in **one**
    write -- on PostgreSQL one statement, autocommitted unless an attempt is released or a
    failure counted; on SQLite two statements in a transaction -- and reads the active
-   studies after it (if a handler raises, the batch goes round again with a savepoint per
-   event, so only the bad one is dropped); what follows from them in memory (telling Optuna,
-   asking the pruner, events for the live dashboard) happens only once they are stored
-   (:mod:`service.scheduler_events`);
+   studies with it (on PostgreSQL in that same statement). If a handler raises, the batch
+   goes round again with a savepoint per event, so only the bad one is dropped; what follows
+   from the events in memory (telling Optuna, asking the pruner, events for the live
+   dashboard) happens only once they are stored (:mod:`service.scheduler_events`);
 3. cancels trials past ``trial_timeout_s`` and trials of studies that were cancelled;
 4. fills free slots: for each runnable study (priority, then oldest first) that has room,
    one write claims waiting trials (retries, enqueued or interrupted ones) and creates new
