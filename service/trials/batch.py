@@ -304,46 +304,12 @@ def record_report(
     return bool(record_reports(session, [Report(pk, lease, epoch, attempt, metrics)]))
 
 
-# Every result of a scheduler pass in one compare-and-set (PostgreSQL; see finish_many).
-_FINISH_MANY = text(
-    """
-    UPDATE trials SET state = v.state, value = v.value, "values" = v."values",
-        metrics = v.metrics, error = v.error, lease_token = NULL, finished_at = v.finished_at
-    FROM json_to_recordset(CAST(:rows AS json)) AS v(
-        pk integer, lease text, state text, value double precision, "values" json,
-        metrics json, error text, finished_at timestamptz)
-    WHERE trials.pk = v.pk AND trials.state = 'running' AND trials.lease_token = v.lease
-    RETURNING trials.pk, v.lease
-    """
-)
-
-
 def finish_many(session: Session, ends: Sequence[tuple[int, str, Outcome]]) -> set[tuple[int, str]]:
     """:func:`finish` for several attempts, ``(pk, lease, outcome)`` each; returns the
     ``(pk, lease)`` pairs recorded (a stale lease's outcome is dropped, as :func:`finish`
-    drops it). On PostgreSQL one ``UPDATE ... FROM json_to_recordset(...) RETURNING``
-    whatever their number -- a pass often ends several trials, and each statement is a
-    round trip; on SQLite, where a statement costs none, one :func:`finish` each."""
-    if not ends:
-        return set()
-    if not _on_postgres(session):
-        return {(pk, lease) for pk, lease, outcome in ends if finish(session, pk, lease, outcome)}
-    now = utcnow()
-    rows = [
-        {
-            "pk": pk,
-            "lease": lease,
-            "state": o.state,
-            "value": o.value,
-            "values": o.values,
-            "metrics": o.metrics,
-            "error": o.error,
-            "finished_at": _finished_at(o, now),
-        }
-        for pk, lease, o in ends
-    ]
-    found = session.execute(_FINISH_MANY, {"rows": json.dumps(rows)})
-    return {(pk, lease) for pk, lease in found}
+    drops it). One statement each: the pass's outcomes normally travel in
+    :func:`record_events`; this is its fallback on SQLite."""
+    return {(pk, lease) for pk, lease, outcome in ends if finish(session, pk, lease, outcome)}
 
 
 # What one row ``v`` of a pass (see record_events) changes in its trial: where it runs
