@@ -38,7 +38,7 @@ from pathlib import Path
 
 from service.db import Database
 from service.runtime import StudyRuntime
-from service.scheduler_events import EventHook, Run, View
+from service.scheduler_events import ActiveStudy, EventHook, Run, View
 from service.scheduler_fill import SlotFiller
 from service.trials import service as trials
 from workers.executor import Executor, ExecutorEvent
@@ -71,7 +71,7 @@ class Scheduler(SlotFiller):
         self._thread: threading.Thread | None = None
         self._runtimes: dict[int, StudyRuntime] = {}
         self._runs: dict[str, Run] = {}
-        self._unstored: list[ExecutorEvent] = []  # drained, but their transaction failed
+        self._unstored: list[ExecutorEvent] = []  # drained, not yet stored: for the next pass
         self._ending: set[str] = set()  # runs with a drained, not yet stored result
         self._last_view: View | None = None  # the last pass's view, kept current by its fills
         self._capacity: tuple[float, float, float] | None = None  # cpus, gpus, checked at
@@ -161,11 +161,33 @@ class Scheduler(SlotFiller):
             with self.db.read() as session:
                 view = self._view(session)
         self._last_view = view
+        self._refill_arrived()
         self._enforce_limits(view.statuses)
         if not self._stop.is_set():
-            for study in view.studies:
+            for read in view.studies:
+                study = self._as_last_seen(read)  # a refill since the read may have moved it
                 if self._has_work(study, study.pk in view.waiting):
                     self._fill_study(study, study.pk in view.waiting)
+                self._refill_arrived()
+
+    def _refill_arrived(self) -> None:
+        """Refill the slots of results that arrived while this pass stored or filled, now
+        rather than after the pass: a result waited a median 2-4 ms for a busy scheduler,
+        added to every zero-work trial's cycle. Their events are stored by the next pass,
+        which starts at once (the executor's notify has set the wake-up)."""
+        arrived = self.executor.drain()
+        if arrived:
+            self._unstored.extend(arrived)
+            self._refill_first(arrived)
+
+    def _as_last_seen(self, study: ActiveStudy) -> ActiveStudy:
+        """``study`` as the last view now holds it (a fill since the read updated it), or as
+        read if the view dropped it (the locking fill then decides)."""
+        view = self._last_view
+        current = (
+            None if view is None else next((s for s in view.studies if s.pk == study.pk), None)
+        )
+        return current or study
 
     # ------------------------------------------------------------------ limits
 

@@ -90,7 +90,7 @@ class EventStore:
     _wake: threading.Event
     _runtimes: dict[int, StudyRuntime]
     _runs: dict[str, Run]
-    _unstored: list[ExecutorEvent]  # drained, but their transaction failed
+    _unstored: list[ExecutorEvent]  # drained, not yet stored: for the next pass
     _ending: set[str]  # runs with a drained, not yet stored result
 
     def _emit(self, study_id: str, event: dict[str, Any]) -> None:

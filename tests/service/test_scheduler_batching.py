@@ -439,6 +439,34 @@ def test_a_refilled_slot_never_shows_two_trials_at_once(db, tmp_path):
         assert done.finished_at <= started.started_at
 
 
+def test_a_result_arriving_during_a_pass_is_refilled_in_that_pass_and_stored_by_the_next(
+    db, tmp_path
+):
+    scheduler, executor, study = make(db, tmp_path)
+    scheduler.run_pass()
+    executor.finish("run-0-1", 0.5)
+    scheduler.run_pass()  # a refill first: on PostgreSQL the next one can then be early
+    real = scheduler._handle_events
+
+    def storing(events: list[ExecutorEvent]) -> Any:
+        view = real(events)
+        executor.finish("run-1-1", 0.7)  # arrives while the pass is busy storing
+        return view
+
+    scheduler._handle_events = storing  # type: ignore[method-assign]
+    scheduler.run_pass()
+    assert len(executor.submitted) == 5  # refilled in the pass it arrived in
+    assert trials_of(db, study)[1].state == "running"  # not stored yet: the next pass does
+    scheduler._handle_events = real  # type: ignore[method-assign]
+    scheduler.run_pass()
+    rows = trials_of(db, study)
+    assert [(t.state, t.value) for t in rows[:2]] == [("complete", 0.5), ("complete", 0.7)]
+    assert [t.state for t in rows[2:]] == ["running"] * 3
+    with db.read() as s:
+        epochs = s.execute(select(TrialMetric.epoch).where(TrialMetric.trial_pk == rows[1].pk))
+        assert sorted(epochs.scalars()) == [1, 2]
+
+
 def test_a_failed_trials_slot_is_refilled_only_after_its_failure_is_stored(db, tmp_path):
     scheduler, executor, _study = make(db, tmp_path)
     scheduler.run_pass()
