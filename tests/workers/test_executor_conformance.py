@@ -7,6 +7,7 @@ cancel ends in ``cancelled``; ``running()`` holds exactly the unfinished runs.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -20,7 +21,7 @@ import pytest
 
 from workers.executor import Executor, ExecutorEvent, InProcessExecutor, Resources
 from workers.ray_executor import RayExecutor
-from workers.trial import TrialSpec
+from workers.trial import SLEEP_CHECKPOINT_NAME, TrialSpec
 
 TIMEOUT = 180.0  # generous: the machine running the tests may be busy
 
@@ -154,6 +155,20 @@ def test_cancel_ends_a_long_trial_with_cancelled(harness):
     time.sleep(0.2)
     harness.pump()
     assert harness.kinds(run_id).count("cancelled") == 1
+
+
+def test_a_cancelled_trials_code_stops_running(harness, tmp_path):
+    # Its checkpoint, written after every epoch, stops advancing once the run is cancelled:
+    # the trial's code is not left running beside the next trial of its worker.
+    run_id = harness.submit({"epochs": 400, "sleep_s": 0.05}, checkpoint_dir=str(tmp_path / "ckpt"))
+    checkpoint = tmp_path / "ckpt" / SLEEP_CHECKPOINT_NAME
+    harness.wait_for(lambda: harness.kinds(run_id).count("report") >= 2, "two reports")
+    harness.executor.cancel(run_id)
+    harness.wait_finished(run_id)
+    assert harness.kinds(run_id)[-1] == "cancelled"
+    epoch = json.loads(checkpoint.read_text())["epoch"]
+    time.sleep(0.5)  # ten epochs' time
+    assert json.loads(checkpoint.read_text())["epoch"] == epoch
 
 
 def test_a_queued_run_cancelled_before_it_starts_never_starts(harness):
