@@ -161,33 +161,29 @@ class Scheduler(SlotFiller):
             with self.db.read() as session:
                 view = self._view(session)
         self._last_view = view
-        self._refill_arrived()
+        latest = self._refill_arrived()
         self._enforce_limits(view.statuses)
         if not self._stop.is_set():
             for read in view.studies:
-                study = self._as_last_seen(read)  # a refill since the read may have moved it
+                study = latest.get(read.pk, read)  # a refill since the read may have moved it
                 if self._has_work(study, study.pk in view.waiting):
                     self._fill_study(study, study.pk in view.waiting)
-                self._refill_arrived()
+                latest = self._refill_arrived() or latest
 
-    def _refill_arrived(self) -> None:
+    def _refill_arrived(self) -> dict[int, ActiveStudy]:
         """Refill the slots of results that arrived while this pass stored or filled, now
         rather than after the pass: a result waited a median 2-4 ms for a busy scheduler,
         added to every zero-work trial's cycle. Their events are stored by the next pass,
-        which starts at once (the executor's notify has set the wake-up)."""
+        which starts at once (the executor's notify has set the wake-up). Returns the studies
+        as the view now holds them (empty if nothing arrived): a study the refill left out of
+        it is decided by the pass's own (locking) fill, from the row as read."""
         arrived = self.executor.drain()
-        if arrived:
-            self._unstored.extend(arrived)
-            self._refill_first(arrived)
-
-    def _as_last_seen(self, study: ActiveStudy) -> ActiveStudy:
-        """``study`` as the last view now holds it (a fill since the read updated it), or as
-        read if the view dropped it (the locking fill then decides)."""
+        if not arrived:
+            return {}
+        self._unstored.extend(arrived)
+        self._refill_first(arrived)
         view = self._last_view
-        current = (
-            None if view is None else next((s for s in view.studies if s.pk == study.pk), None)
-        )
-        return current or study
+        return {} if view is None else {s.pk: s for s in view.studies}
 
     # ------------------------------------------------------------------ limits
 
