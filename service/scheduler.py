@@ -8,7 +8,8 @@ net. Each pass:
 
 1. refills the slots of trials whose results it has just drained, before storing them, from
    the previous pass's view (:meth:`SlotFiller._refill_first`): the store no longer stands
-   between a result and the next start;
+   between a result and the next start. Results that arrive later in the pass (during its
+   store or fills) are refilled the same way between those steps and stored by the next pass;
 2. stores every pending executor event (starts, reports, results, failures) in **one**
    write -- on PostgreSQL one statement, autocommitted unless an attempt is released or a
    failure counted; on SQLite two statements in a transaction -- and reads the active

@@ -25,7 +25,9 @@
   subclasses (``OwnerDiedError``, ...), ``RayActorError``/``ActorDiedError``,
   ``RaySystemError``, ``OutOfMemoryError``, ``ObjectStoreFullError`` -- is infrastructure:
   ``failed``, ``retryable=True``. Once a cancel was requested, any error ends as
-  ``cancelled``.
+  ``cancelled``. Ray sends a stream item while the trial runs on, so a worker that dies
+  within microseconds of a report may take that report with it (the next attempt resumes
+  after the epoch's checkpoint, and the trial lacks that epoch's metrics).
 * Cancel is ``ray.cancel`` on the generator: it raises ``KeyboardInterrupt`` inside the trial
   (the worker process is reused afterwards). A trial that does not stop within
   :attr:`RayExecutor.cancel_grace_s` is force-cancelled (its worker is killed).
