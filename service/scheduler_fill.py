@@ -346,6 +346,7 @@ class SlotFiller(EventStore):
             checkpoint_dir=str(self.checkpoint_root / study.id / str(start.number)),
             runner=spec.runner.name,
             git_revision=self.git_revision,
+            prompt_reports=spec.pruner.name != "none",  # only a pruner acts on a report at once
         )
         resources = Resources(spec.resources.cpus, spec.resources.gpus)
         try:

@@ -5,10 +5,12 @@
   :class:`~workers.executor.Resources` (fractions allowed). Ray's own retries are off: a Ray
   retry would replay the report stream from epoch 0 behind the scheduler's back; the scheduler
   retries a failed run itself, as the trial's next attempt, which resumes from its checkpoint.
-* The last epoch's report travels in one stream item with the result that always follows it
-  (:func:`_final_report_with_result`); every other message is an item of its own, sent as
-  soon as the trial yields it. Each item costs Ray bookkeeping on both ends, about a
-  millisecond of a zero-work trial's cycle here.
+* The last epoch's report rides in one stream item with the result, and where no pruner
+  acts on reports (``TrialSpec.prompt_reports`` false) a fast epoch's report (under
+  :data:`FAST_EPOCH_S`) waits, up to :data:`HOLD_MAX_S`, for a later message
+  (:func:`_stream_items`); every other message is an item of its own, sent as soon as the
+  trial yields it. Each item costs Ray about a millisecond of CPU on each end, which a sweep
+  of short trials on a small machine feels.
 * One "pump" thread runs an asyncio loop with one small reader coroutine per run: ``async for
   ref in generator`` wakes as soon as Ray has a new item, with no polling, so an event reaches
   the scheduler within a millisecond or so of Ray receiving it, and a new submission is read
@@ -91,7 +93,9 @@ def _trial_task(spec_dict: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """The Ray task: run one trial and stream its events (a generator -> streaming task)."""
     spec = TrialSpec.from_dict(spec_dict)
     try:
-        yield from _final_report_with_result(run_trial(spec), spec.config.get("epochs"))
+        yield from _stream_items(
+            run_trial(spec), spec.config.get("epochs"), hold_fast=not spec.prompt_reports
+        )
     except Exception as exc:
         # Ray's RayTaskError keeps only a trimmed, coloured traceback; send the original first.
         # KeyboardInterrupt (ray.cancel) is not an Exception and passes through untouched.
@@ -99,36 +103,65 @@ def _trial_task(spec_dict: dict[str, Any]) -> Iterator[dict[str, Any]]:
         raise
 
 
-def _final_report_with_result(
-    messages: Iterator[dict[str, Any]], last_epoch: Any
+#: A report that comes less than this long after the trial's previous message -- a fast
+#: epoch -- may wait to travel with a later message (when nothing acts on it at once).
+FAST_EPOCH_S = 0.05
+#: ... but no longer than this: the dashboard's curves stay live, and a worker that dies takes
+#: at most this much of its reports with it.
+HOLD_MAX_S = 1.0
+
+
+def _stream_items(
+    messages: Iterator[dict[str, Any]],
+    last_epoch: Any,
+    *,
+    hold_fast: bool,
+    fast_epoch_s: float = FAST_EPOCH_S,
+    hold_max_s: float = HOLD_MAX_S,
+    clock: Callable[[], float] = time.monotonic,
 ) -> Iterator[dict[str, Any]]:
-    """``messages``, with the report of the trial's last epoch sent in one stream item with
-    the result that follows it: every stream item costs Ray a round of bookkeeping on both
-    ends (about a millisecond of a zero-work trial's cycle here, ``bench/ray_floor.py
-    --items``), and the two always come back to back -- only the final checkpoint and test
-    evaluation lie between them, and nothing acts on that report before the result. If
-    anything but a result follows (an error), the report goes alone, first."""
-    for message in messages:
-        if (
-            message.get("kind") != "report"
-            or not isinstance(last_epoch, int)
-            or message.get("epoch") != last_epoch
-        ):
-            yield message
-            continue
-        try:
-            following = next(messages)
-        except StopIteration:
-            yield message
-            return
-        except Exception:
-            yield message
-            raise
-        if following.get("kind") == "result":
-            yield {"kind": _BATCH_KIND, "items": [message, following]}
-        else:
-            yield message
-            yield following
+    """``messages`` grouped into Ray stream items. Every item costs Ray a round of bookkeeping
+    on both ends -- about a millisecond of CPU per item on each side here, on a machine that a
+    sweep of short trials keeps busy (``bench/ray_floor.py --items``) -- so messages that
+    nothing needs at once share items:
+
+    * the report of the last epoch (``last_epoch``, the runner's ``epochs``) always rides with
+      the result, which follows it after only the final checkpoint and test evaluation;
+    * with ``hold_fast`` (no pruner acts on the reports), the report of an epoch that took
+      less than ``fast_epoch_s`` since the previous message waits for a later message, for at
+      most ``hold_max_s``: a sweep of fast epochs sends a handful of items per trial instead
+      of one per epoch. Held reports reach the dashboard up to ``hold_max_s`` late, and a
+      worker killed meanwhile takes them with it (as Ray may lose an item it has not sent);
+    * every other message (``started``, a slow epoch's report, the result) goes at once,
+      carrying the reports held before it. If the trial raises, the held reports go first.
+    """
+    held: list[dict[str, Any]] = []
+    held_since = previous = clock()
+    try:
+        for message in messages:
+            now = clock()
+            fast, previous = now - previous < fast_epoch_s, now
+            if not held:
+                held_since = now
+            held.append(message)
+            if message.get("kind") == "report":
+                if isinstance(last_epoch, int) and message.get("epoch") == last_epoch:
+                    continue
+                if hold_fast and fast and now - held_since < hold_max_s:
+                    continue
+            item, held = _item(held), []
+            yield item
+    except Exception:  # the trial raised: what it reported goes first
+        if held:
+            item, held = _item(held), []
+            yield item
+        raise
+    if held:  # the messages ended after a held report (a runner without a result)
+        yield _item(held)
+
+
+def _item(messages: list[dict[str, Any]]) -> dict[str, Any]:
+    return messages[0] if len(messages) == 1 else {"kind": _BATCH_KIND, "items": messages}
 
 
 def _warm_task() -> int:

@@ -85,6 +85,9 @@ class TrialSpec:
     runner (the study's task and optimizer settings merged with the trial's parameters), or
     the sleep runner's settings. ``attempt`` counts the runs of the same trial (a retry after
     a crash is the next attempt); ``lease_token`` ties the run to the scheduler's lease.
+    ``prompt_reports`` says whether each report is acted on as it arrives (the study has a
+    pruner); when False, an executor may hold a fast epoch's report back to send it with a
+    later message (the Ray executor does: each message it sends costs CPU on both ends).
     """
 
     study_id: str
@@ -95,6 +98,7 @@ class TrialSpec:
     checkpoint_dir: str | None = None
     runner: str = "train"
     git_revision: str | None = None
+    prompt_reports: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.study_id, str) or not self.study_id:
@@ -117,6 +121,8 @@ class TrialSpec:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"{name} must be a string or None, got {value!r}")
+        if not isinstance(self.prompt_reports, bool):
+            raise ValueError(f"prompt_reports must be a bool, got {self.prompt_reports!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict (JSON-safe when ``config`` is) that :meth:`from_dict` reads back."""

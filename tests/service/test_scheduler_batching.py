@@ -731,3 +731,23 @@ def test_on_postgresql_the_view_read_with_a_passs_writes_is_the_view(pg_db, tmp_
     assert view.studies == alone.studies and view.waiting == alone.waiting == {other.pk}
     assert view.statuses == alone.statuses
     assert isinstance(view.studies[0].spec, dict) and view.studies[0].updated_at.tzinfo
+
+
+@pytest.mark.parametrize("pruner, prompt", [("none", False), ("median", True)])
+def test_trials_ask_for_prompt_reports_only_when_a_pruner_acts_on_them(
+    db, tmp_path, pruner, prompt
+):
+    spec = StudySpec.model_validate(
+        {
+            "name": "prompt-reports",
+            "search_space": {"lr": {"type": "float", "low": 0.001, "high": 0.5, "log": True}},
+            "pruner": {"name": pruner},
+            "budget": {"n_trials": 2, "max_parallel": 2},
+        }
+    )
+    executor = ManualExecutor()
+    scheduler = Scheduler(db, executor, checkpoint_root=str(tmp_path / "runs"))
+    studies.create_study(db, owner="local", spec=spec)
+    scheduler.run_pass()
+    assert len(executor.submitted) == 2
+    assert {s.prompt_reports for s in executor.submitted.values()} == {prompt}

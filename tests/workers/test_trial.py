@@ -39,9 +39,15 @@ def _spec(config, runner="sleep", attempt=1, checkpoint_dir=None, **kw):
 
 
 def test_spec_round_trips_through_json():
-    spec = _spec({"t": 2.0, "epochs": 3}, checkpoint_dir="/tmp/x", git_revision="abc123")
+    spec = _spec(
+        {"t": 2.0, "epochs": 3},
+        checkpoint_dir="/tmp/x",
+        git_revision="abc123",
+        prompt_reports=False,
+    )
     again = TrialSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
     assert again == spec
+    assert again.prompt_reports is False
 
 
 @pytest.mark.parametrize(
@@ -52,6 +58,7 @@ def test_spec_round_trips_through_json():
         {"attempt": True},
         {"runner": "bogus"},
         {"config": [1, 2]},
+        {"prompt_reports": "yes"},
     ],
 )
 def test_spec_rejects_bad_fields(bad):
