@@ -125,6 +125,7 @@ def _ray_only(bench: RayOnly, trials: int, parallel: int, sleep_s: float, epochs
                 config={"epochs": epochs, "sleep_s": sleep_s / epochs},
                 checkpoint_dir=str(run_dir / str(submitted)),
                 runner="sleep",
+                prompt_reports=False,  # as the scheduler sends them: the studies have no pruner
             )
             live.add(executor.submit(spec, resources))
             submitted += 1
