@@ -123,6 +123,16 @@ def test_each_run_streams_started_its_reports_in_order_then_one_result(harness):
     assert all(len(harness.events[r]) == 5 for r in runs)
 
 
+def test_reports_an_executor_may_hold_all_arrive_in_order(harness):
+    # No pruner waits for them (prompt_reports=False): fast epochs' reports may travel
+    # together, but every one arrives, in order, before the result.
+    run_id = harness.submit({"epochs": 5}, prompt_reports=False)
+    harness.wait_finished(run_id)
+    assert harness.kinds(run_id) == ["started"] + ["report"] * 5 + ["result"]
+    epochs = [e.payload["epoch"] for e in harness.events[run_id] if e.kind == "report"]
+    assert epochs == [1, 2, 3, 4, 5]
+
+
 def test_reports_arrive_while_the_trial_still_runs(harness):
     run_id = harness.submit({"epochs": 3, "sleep_s": 1.0})
     harness.wait_for(lambda: "report" in harness.kinds(run_id), "the first report")
